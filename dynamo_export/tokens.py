@@ -1,0 +1,110 @@
+"""The token file: the one on-disk format every tool in the package reads.
+
+`NAME.bin` holds token ids as raw little-endian uint16 (vocab <= 65,536) or
+uint32; documents are separated by the end-of-text id. `NAME.json` beside it
+holds `dtype`, `vocab_size`, `num_tokens` and `eot_id`. Readers memory-map the
+ids so that corpora far larger than RAM stream through counting and training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dynamo_export.errors import TokenFileError
+
+_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+
+
+@dataclass(frozen=True)
+class TokenFileMeta:
+    dtype: str
+    vocab_size: int
+    num_tokens: int
+    eot_id: int
+
+
+def dtype_for_vocab(vocab_size: int) -> str:
+    """The smallest id dtype that holds every id of a vocabulary."""
+    return "uint16" if vocab_size <= 65_536 else "uint32"
+
+
+def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    base = Path(path)
+    if base.suffix in (".bin", ".json"):
+        base = base.with_suffix("")
+    return base.with_suffix(".bin"), base.with_suffix(".json")
+
+
+def write_token_file(path: str | os.PathLike, ids: np.ndarray, vocab_size: int, eot_id: int) -> TokenFileMeta:
+    """Write `ids` atomically (temp file + rename) as `path.bin` + `path.json`."""
+    bin_path, json_path = _paths(path)
+    ids = np.asarray(ids)
+    if ids.ndim != 1:
+        raise TokenFileError(f"token ids must be 1-D, got shape {ids.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        raise TokenFileError(
+            f"token ids must lie in [0, {vocab_size}); got range [{ids.min()}, {ids.max()}]"
+        )
+    if not 0 <= eot_id < vocab_size:
+        raise TokenFileError(f"eot_id {eot_id} is outside the vocabulary of size {vocab_size}")
+    dtype = dtype_for_vocab(vocab_size)
+    meta = TokenFileMeta(dtype=dtype, vocab_size=int(vocab_size), num_tokens=int(ids.size), eot_id=int(eot_id))
+    bin_path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(bin_path, ids.astype(_DTYPES[dtype]).tobytes())
+    _atomic_write(json_path, (json.dumps(asdict(meta), indent=2) + "\n").encode())
+    return meta
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_token_meta(path: str | os.PathLike) -> TokenFileMeta:
+    bin_path, json_path = _paths(path)
+    if not json_path.is_file():
+        raise TokenFileError(f"{json_path} not found: a token file is NAME.bin + NAME.json (make one with dynamo-data)")
+    try:
+        raw = json.loads(json_path.read_text())
+        meta = TokenFileMeta(
+            dtype=str(raw["dtype"]),
+            vocab_size=int(raw["vocab_size"]),
+            num_tokens=int(raw["num_tokens"]),
+            eot_id=int(raw["eot_id"]),
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TokenFileError(f"{json_path} is not a valid token-file header: {exc}") from exc
+    if meta.dtype not in _DTYPES:
+        raise TokenFileError(f"{json_path}: dtype must be one of {sorted(_DTYPES)}, got {meta.dtype!r}")
+    if not bin_path.is_file():
+        raise TokenFileError(f"{bin_path} not found next to {json_path}")
+    expected = meta.num_tokens * _DTYPES[meta.dtype].itemsize
+    actual = bin_path.stat().st_size
+    if actual != expected:
+        raise TokenFileError(
+            f"{bin_path} holds {actual} bytes but its header declares {meta.num_tokens} {meta.dtype} tokens "
+            f"({expected} bytes): the file is truncated or does not belong to this header"
+        )
+    return meta
+
+
+def open_tokens(path: str | os.PathLike) -> tuple[np.memmap, TokenFileMeta]:
+    """Memory-map a token file read-only; returns (ids, meta)."""
+    meta = read_token_meta(path)
+    bin_path, _ = _paths(path)
+    if meta.num_tokens == 0:
+        return np.zeros(0, dtype=_DTYPES[meta.dtype]), meta
+    ids = np.memmap(bin_path, dtype=_DTYPES[meta.dtype], mode="r", shape=(meta.num_tokens,))
+    return ids, meta

@@ -1,0 +1,268 @@
+"""The artifact manifest: the one description the exporter writes and the runtime reads.
+
+`DIR/manifest.json` names every file of an exported artifact with its size and
+sha256, the graph's I/O contract (names, dtypes, named axes, cache-name
+patterns), the model's shape, and the sampling defaults. The runtime finds
+everything through it, so it is parsed strictly: unknown keys, wrong types and
+missing fields are rejected, paths must be plain relative paths inside the
+artifact, and links are refused. Artifacts may come from strangers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path, PurePosixPath
+from typing import Any, get_type_hints
+
+from runtime.errors import ArtifactError, ArtifactFileError, ManifestError
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "dynamo-export-artifact"
+SCHEMA_VERSION = 1
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+
+PAST_KEY = "past_key_values.{i}.key"
+PAST_VALUE = "past_key_values.{i}.value"
+PRESENT_KEY = "present.{i}.key"
+PRESENT_VALUE = "present.{i}.value"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """dtype is an ONNX-style name ('int64', 'float32', 'float16'); axes maps axis index -> name or size."""
+
+    dtype: str
+    axes: list
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    architecture: str  # "dynamo_neox" or "gpt_neox" (exported as one head)
+    num_token_heads: int
+    num_hidden_layers: int  # the base model's L (stem + head 1's layer)
+    num_cache_layers: int  # L + n - 1
+    num_attention_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int  # rows of embed_out (the graph's logits width)
+    context_length: int
+    eos_token_id: int | None
+    pad_token_id: int | None
+    bos_token_id: int | None
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    file: str
+    external_data: str | None
+    dtype: str  # fp32 | fp16 | int8: how the weights are stored
+    cache_dtype: str  # float32 | float16: the dtype of past/present tensors
+    logits_dtype: str
+    opset: int
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+    past_key: str = PAST_KEY
+    past_value: str = PAST_VALUE
+    present_key: str = PRESENT_KEY
+    present_value: str = PRESENT_VALUE
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format: str
+    schema_version: int
+    model: ModelInfo
+    graph: GraphInfo
+    tokenizer: str | None
+    cooccurrence: str | None  # a directory inside the artifact
+    sampling_defaults: dict[str, Any]
+    producer: dict[str, str]
+    verification: dict[str, Any]
+    files: dict[str, FileEntry] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    def cache_names(self, kind: str) -> list[str]:
+        """Names of the cache tensors in layer order; kind in past_key/past_value/present_key/present_value."""
+        pattern = getattr(self.graph, kind)
+        return [pattern.format(i=i) for i in range(self.model.num_cache_layers)]
+
+
+def _parse(cls, raw: Any, where: str):
+    """Build dataclass `cls` from `raw`, rejecting unknown/missing keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{where} must be a JSON object, got {type(raw).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ManifestError(f"{where} has unknown keys {unknown}; allowed: {sorted(names)}")
+    required = {f.name for f in fields(cls) if _no_default(f)}
+    missing = sorted(required - set(raw))
+    if missing:
+        raise ManifestError(f"{where} is missing required keys {missing}")
+    values = {name: _coerce(hints[name], raw[name], f"{where}.{name}") for name in raw}
+    return cls(**values)
+
+
+def _no_default(f) -> bool:
+    return f.default is MISSING and f.default_factory is MISSING
+
+
+def _coerce(hint, value, where: str):
+    origin = getattr(hint, "__origin__", None)
+    args = getattr(hint, "__args__", ())
+    if hint in (ModelInfo, GraphInfo, TensorSpec, FileEntry):
+        return _parse(hint, value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ManifestError(f"{where} must be an object")
+        key_type, value_type = args
+        return {str(k): _coerce(value_type, v, f"{where}[{k!r}]") for k, v in value.items()}
+    if type(None) in args:  # Optional[X]
+        if value is None:
+            return None
+        inner = next(a for a in args if a is not type(None))
+        return _coerce(inner, value, where)
+    if hint is Any:
+        return value
+    if hint is list:
+        if not isinstance(value, list):
+            raise ManifestError(f"{where} must be a list")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ManifestError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ManifestError(f"{where} must be a string, got {value!r}")
+        return value
+    raise ManifestError(f"{where}: unsupported manifest type {hint}")
+
+
+def parse_manifest(text: str) -> Manifest:
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{MANIFEST_NAME} is not valid JSON: {exc}") from exc
+    manifest = _parse(Manifest, raw, MANIFEST_NAME)
+    if manifest.format != FORMAT_NAME:
+        raise ManifestError(f"{MANIFEST_NAME}: format must be {FORMAT_NAME!r}, got {manifest.format!r}")
+    if manifest.schema_version != SCHEMA_VERSION:
+        raise ManifestError(
+            f"{MANIFEST_NAME}: schema_version {manifest.schema_version} is not supported by this runtime "
+            f"(supports {SCHEMA_VERSION}); re-export the model or upgrade dynamo-export"
+        )
+    _check_consistency(manifest)
+    return manifest
+
+
+def _check_consistency(m: Manifest) -> None:
+    model = m.model
+    if model.num_token_heads < 1 or model.num_cache_layers != model.num_hidden_layers + model.num_token_heads - 1:
+        raise ManifestError(
+            f"model: num_cache_layers {model.num_cache_layers} != num_hidden_layers {model.num_hidden_layers} "
+            f"+ num_token_heads {model.num_token_heads} - 1"
+        )
+    for name in (model.vocab_size, model.context_length, model.num_attention_heads, model.head_dim):
+        if name < 1:
+            raise ManifestError("model: sizes must be positive integers")
+    paths = [m.graph.file] + [p for p in (m.graph.external_data, m.tokenizer) if p]
+    for path in paths:
+        check_relative_path(path)
+        if path not in m.files:
+            raise ManifestError(f"{path} is referenced by the manifest but has no entry in 'files'")
+    if m.cooccurrence is not None:
+        check_relative_path(m.cooccurrence)
+    for path, entry in m.files.items():
+        check_relative_path(path)
+        if entry.size < 0 or len(entry.sha256) != 64 or any(c not in "0123456789abcdef" for c in entry.sha256):
+            raise ManifestError(f"files[{path!r}]: size must be >= 0 and sha256 64 lowercase hex digits")
+
+
+def check_relative_path(path: str) -> PurePosixPath:
+    """Accept only plain relative POSIX paths that stay inside the artifact."""
+    if not isinstance(path, str) or not path or "\\" in path or "\x00" in path:
+        raise ManifestError(f"path {path!r} must be a non-empty relative POSIX path")
+    pure = PurePosixPath(path)
+    if pure.is_absolute() or any(part in ("..", "") for part in pure.parts) or path.startswith("/"):
+        raise ManifestError(f"path {path!r} must be relative and stay inside the artifact (no '..', no '/')")
+    if "_ORT_MEM_ADDR_" in path:
+        raise ManifestError(f"path {path!r} uses ONNX Runtime's in-memory address marker")
+    return pure
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entry(path: Path) -> FileEntry:
+    return FileEntry(size=path.stat().st_size, sha256=sha256_of(path))
+
+
+def inventory(root: Path) -> dict[str, FileEntry]:
+    """Size and sha256 of every file under root except the manifest itself."""
+    entries = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.name != MANIFEST_NAME:
+            entries[path.relative_to(root).as_posix()] = file_entry(path)
+    return entries
+
+
+def read_manifest(root: str | os.PathLike) -> Manifest:
+    root = Path(root)
+    path = root / MANIFEST_NAME
+    if not root.is_dir():
+        raise ArtifactError(f"{root} is not a directory: pass the folder dynamo-export wrote")
+    if not path.is_file():
+        raise ArtifactError(f"{root} has no {MANIFEST_NAME}: it is not a dynamo-export artifact (export one first)")
+    if path.is_symlink():
+        raise ArtifactFileError(f"{path} is a symbolic link; artifacts may not contain links")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes; refusing to parse it")
+    return parse_manifest(path.read_text(encoding="utf-8"))
+
+
+def verify_files(root: str | os.PathLike, manifest: Manifest, check_hashes: bool = True) -> None:
+    """Fail closed unless the artifact holds exactly the listed files with their sizes and hashes."""
+    root = Path(root).resolve()
+    on_disk = set()
+    for path in root.rglob("*"):
+        rel = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            raise ArtifactFileError(f"{rel} is a symbolic link; artifacts may not contain links")
+        if path.is_file() and path.name != MANIFEST_NAME:
+            on_disk.add(rel)
+    missing = sorted(set(manifest.files) - on_disk)
+    extra = sorted(on_disk - set(manifest.files))
+    if missing:
+        raise ArtifactFileError(f"files listed in the manifest are missing: {missing}")
+    if extra:
+        raise ArtifactFileError(f"files not listed in the manifest are present: {extra}; remove them or re-export")
+    for rel, entry in sorted(manifest.files.items()):
+        path = root / rel
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise ArtifactFileError(f"{rel} is not a regular file")
+        if info.st_nlink > 1:
+            raise ArtifactFileError(f"{rel} has {info.st_nlink} hard links; artifacts may not contain links")
+        if info.st_size != entry.size:
+            raise ArtifactFileError(f"{rel} is {info.st_size} bytes, the manifest says {entry.size}: truncated or replaced")
+        if check_hashes and sha256_of(path) != entry.sha256:
+            raise ArtifactFileError(f"{rel} does not match its sha256 in the manifest: the file was modified or corrupted")
