@@ -147,10 +147,13 @@ def _check_utf8(data: bytes, path: Path) -> None:
 
 
 def verified_manifest(out_dir: str | os.PathLike) -> dict | None:
-    """The corpus manifest if every file it lists is present with its recorded sha256, else None."""
+    """The corpus manifest if its split follows today's rule and every file matches its sha256, else None."""
     out = Path(out_dir)
     try:
         manifest = json.loads((out / MANIFEST).read_text())
+        train, heldout = ([entry["path"] for entry in manifest["splits"][split]] for split in SPLITS)
+        if (train, heldout) != split_paths(train + heldout):
+            return None
         for split in SPLITS:
             for entry in manifest["splits"][split]:
                 data = (out / split / entry["path"]).read_bytes()

@@ -23,3 +23,11 @@ class TrainingError(DynaMoError):
 
 class DataError(DynaMoError):
     """Text, a tokenizer or the reference corpus for dynamo-data is missing or unusable."""
+
+
+class ExportError(DynaMoError):
+    """An ONNX export was misconfigured, produced a graph that breaks the I/O contract, or could not be written."""
+
+
+class ParityError(ExportError):
+    """The exported graph disagrees with the PyTorch model beyond the tolerance of its dtype."""

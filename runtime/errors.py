@@ -15,3 +15,27 @@ class ManifestError(ArtifactError):
 
 class ArtifactFileError(ArtifactError):
     """A file of the artifact is missing, extra, a link, truncated, or fails its hash."""
+
+
+class CooccurrenceFileError(DynaMoRuntimeError):
+    """A co-occurrence directory is missing, corrupt, or does not match the model; or cannot be written."""
+
+
+class InputError(DynaMoRuntimeError):
+    """A caller passed token ids or arrays the runtime cannot use (wrong shape, dtype or range)."""
+
+
+class SamplingConfigError(DynaMoRuntimeError, ValueError):
+    """A SamplingConfig option is out of range or conflicts with another; the message names them."""
+
+
+class SamplingError(DynaMoRuntimeError):
+    """The sampler got logits or co-occurrence weights it cannot sample from (non-finite, wrong shape)."""
+
+
+class ProviderError(DynaMoRuntimeError):
+    """The requested ONNX Runtime execution provider is not available in this install."""
+
+
+class GenerationTimeout(DynaMoRuntimeError):
+    """A generate() call ran past its time limit; the forward pass in flight was terminated."""

@@ -1,0 +1,377 @@
+"""`export_artifact`: checkpoint directory -> self-describing ONNX artifact directory, atomically.
+
+    DIR/manifest.json          everything the runtime needs to know (runtime/manifest.py)
+    DIR/model.onnx             the graph (converters/io_spec.py has its I/O contract)
+    DIR/model.onnx.data        its weights, when they pass 2 GB or --external-data always
+    DIR/tokenizer.json         when the checkpoint has one
+    DIR/cooccurrence/          when given, validated against the model's vocabulary
+
+Everything is built in a staging directory next to DIR and renamed into place
+at the end, so DIR either holds a complete, verified artifact or is untouched:
+a failed export leaves nothing behind, and an existing DIR is replaced only
+with force=True (and only if it is an artifact or empty).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import onnx
+from tqdm.auto import tqdm
+from transformers import GPTNeoXConfig
+
+from converters.io_spec import IOSpec, check_graph_io, io_spec
+from converters.onnx_export import check_shared_projection, export_onnx
+from converters.optimize import fuse, quantize_int8, save_onnx, to_fp16
+from converters.verify import ParityReport, verify_graph
+from dynamo_export.checkpoint import checkpoint_kind
+from dynamo_export.config import DynaMoConfig
+from dynamo_export.errors import ExportError
+from dynamo_export.modeling import DynaMoForCausalLM
+from runtime.config import SamplingConfig
+from runtime.cooccurrence import MATRIX_NAMES, META_NAME, load_cooccurrence
+from runtime.errors import CooccurrenceFileError
+from runtime.manifest import (
+    FORMAT_NAME,
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    GraphInfo,
+    Manifest,
+    ModelInfo,
+    inventory,
+    read_manifest,
+    verify_files,
+)
+
+DTYPES = ("fp32", "fp16", "int8")
+EXTERNAL_DATA = ("auto", "always")
+# The dynamo exporter emits opset 18; older opsets would need a lossy down-conversion.
+MIN_OPSET = 18
+DEFAULT_OPSET = 18
+# Protobuf cannot serialise a message over 2 GiB; weights beyond 2 GB go to model.onnx.data.
+EXTERNAL_DATA_THRESHOLD = 2_000_000_000
+MODEL_FILE = "model.onnx"
+DATA_FILE = MODEL_FILE + ".data"
+TOKENIZER_FILE = "tokenizer.json"
+COOCCURRENCE_DIR = "cooccurrence"
+CACHE_DTYPE = {"fp32": "float32", "fp16": "float16", "int8": "float32"}
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    manifest: Manifest
+    parity: ParityReport | None
+    seconds: dict[str, float] = field(default_factory=dict)  # per step
+    fused: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    model_path: Path
+    kind: str  # 'dynamo' | 'gpt_neox'
+    config: DynaMoConfig | GPTNeoXConfig
+    out: Path
+    cooccurrence: Path | None
+    dtype: str
+    opset: int
+    external_data: str
+    optimize: bool
+    verify: bool
+    force: bool
+
+
+def default_out(model_path: str | os.PathLike, dtype: str) -> Path:
+    return Path("artifacts") / f"{Path(model_path).resolve().name}-{dtype}"
+
+
+def export_artifact(
+    model_path: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    cooccurrence: str | os.PathLike | None = None,
+    dtype: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    external_data: str = "auto",
+    optimize: bool = False,
+    verify: bool = True,
+    force: bool = False,
+    progress: bool = True,
+) -> ExportResult:
+    """Export a DynaMo (or plain GPT-NeoX, as one head) checkpoint to an artifact directory.
+
+    All options are checked before any work starts. Raises CheckpointError for a
+    bad checkpoint, ExportError for bad options, an unwritable or occupied `out`,
+    a co-occurrence directory that does not fit, or a graph that breaks the I/O
+    contract, and ParityError when verification fails.
+    """
+    plan = _plan(model_path, out, cooccurrence, dtype, opset, external_data, optimize, verify, force)
+    steps = ["load", "export", *(["fuse"] if optimize else []), *([dtype] if dtype != "fp32" else [])]
+    steps += ["save", *(["verify"] if verify else []), "manifest", "install"]
+    created = _missing_ancestors(plan.out.parent)
+    try:
+        plan.out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=plan.out.parent, prefix=f".{plan.out.name}.tmp-"))
+    except OSError as exc:
+        _remove_empty(created)
+        raise ExportError(
+            f"cannot write the artifact to {plan.out.parent}: {exc}; choose a writable --out"
+        ) from exc
+
+    bar = tqdm(total=len(steps), desc="dynamo-export", unit="step", disable=not progress)
+    seconds: dict[str, float] = {}
+    step = functools.partial(_step, bar, seconds)
+    fused: dict[str, int] = {}
+    parity = None
+    try:
+        built, work = staging / "artifact", staging / "work"
+        built.mkdir(mode=0o755)
+        work.mkdir()
+        with step("load"):
+            if plan.cooccurrence is not None:
+                _copy_cooccurrence(plan.cooccurrence, built / COOCCURRENCE_DIR, plan.config.vocab_size)
+            model = _load_model(plan)
+        config = model.config
+        spec = io_spec(config)
+        with step("export"):
+            current = export_onnx(model, work / "export" / MODEL_FILE, spec, plan.opset)
+            check_shared_projection(current, model.embed_out.weight.detach().numpy())
+        if plan.optimize:
+            with step("fuse"):
+                fused = fuse(
+                    current, work / "fused" / MODEL_FILE, config.num_attention_heads, config.hidden_size
+                )
+                current = work / "fused" / MODEL_FILE
+        if plan.dtype != "fp32":
+            with step(plan.dtype):
+                convert = to_fp16 if plan.dtype == "fp16" else quantize_int8
+                convert(current, work / plan.dtype / MODEL_FILE)
+                current = work / plan.dtype / MODEL_FILE
+        spec = spec.with_dtypes(CACHE_DTYPE[plan.dtype], "float32")
+        with step("save"):
+            external = _save_final(current, built / MODEL_FILE, plan.external_data)
+            check_graph_io(onnx.load(str(built / MODEL_FILE), load_external_data=False), spec)
+        if plan.verify:
+            with step("verify"):
+                parity = verify_graph(model, built / MODEL_FILE, spec, plan.dtype)
+        with step("manifest"):
+            if (plan.model_path / TOKENIZER_FILE).is_file():
+                shutil.copyfile(plan.model_path / TOKENIZER_FILE, built / TOKENIZER_FILE)
+            fusions = fused if plan.optimize else None
+            manifest = _write_manifest(built, plan, config, spec, external, parity, fusions)
+        with step("install"):
+            _install(built, plan.out, staging / "previous")
+    except BaseException:
+        _remove_empty(created)
+        raise
+    finally:
+        bar.close()
+        shutil.rmtree(staging, ignore_errors=True)
+    return ExportResult(out=plan.out, manifest=manifest, parity=parity, seconds=seconds, fused=fused)
+
+
+# -- planning: every check that can run before the work starts ---------------------------------------
+
+
+def _plan(model_path, out, cooccurrence, dtype, opset, external_data, optimize, verify, force) -> _Plan:
+    problems = []
+    if dtype not in DTYPES:
+        problems.append(f"--dtype {dtype!r} is not one of {list(DTYPES)}")
+    max_opset = onnx.defs.onnx_opset_version()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset:
+        problems.append(f"--opset {opset!r} must be an integer in {MIN_OPSET}..{max_opset}")
+    if external_data not in EXTERNAL_DATA:
+        problems.append(f"--external-data {external_data!r} is not one of {list(EXTERNAL_DATA)}")
+    if problems:
+        raise ExportError("invalid export options: " + "; ".join(problems))
+
+    model_path = Path(model_path)
+    kind = checkpoint_kind(model_path)  # CheckpointError for a missing path or a foreign model type
+    config_cls = DynaMoConfig if kind == "dynamo" else GPTNeoXConfig
+    config = config_cls.from_pretrained(model_path)
+    out = Path(out) if out is not None else default_out(model_path, dtype)
+    _check_out(out, force)
+    if cooccurrence is not None and not Path(cooccurrence).is_dir():
+        raise ExportError(
+            f"--cooccurrence {cooccurrence} is not a directory: pass a dynamo-cooccur output directory"
+        )
+    return _Plan(
+        model_path=model_path,
+        kind=kind,
+        config=config,
+        out=out,
+        cooccurrence=Path(cooccurrence) if cooccurrence is not None else None,
+        dtype=dtype,
+        opset=opset,
+        external_data=external_data,
+        optimize=optimize,
+        verify=verify,
+        force=force,
+    )
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise ExportError(f"{out} already exists: pass --force to replace it, or choose another --out")
+        if out.is_symlink() or not out.is_dir():
+            raise ExportError(
+                f"{out} exists and is not a directory; refusing to replace it even with --force"
+            )
+        if any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+            raise ExportError(
+                f"{out} is a non-empty directory without {MANIFEST_NAME}; --force only replaces an earlier "
+                "artifact, choose another --out"
+            )
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ExportError(f"cannot write {out}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write {out}: {ancestor} is not writable; choose a writable --out")
+
+
+def _missing_ancestors(path: Path) -> list[Path]:
+    """Directories that creating `path` would create, deepest first (to remove them again on failure)."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            return  # not empty (someone else wrote there) or already gone: leave it and its parents
+
+
+# -- the steps ----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _step(bar, seconds: dict[str, float], name: str):
+    """Time one step into `seconds` and advance the progress bar."""
+    bar.set_postfix_str(name)
+    start = time.perf_counter()
+    yield
+    seconds[name] = time.perf_counter() - start
+    bar.update(1)
+
+
+def _load_model(plan: _Plan) -> DynaMoForCausalLM:
+    if plan.kind == "dynamo":
+        return DynaMoForCausalLM.from_pretrained(plan.model_path)
+    # A plain GPT-NeoX model is a DynaMo model with one head: the same graph and runtime serve it.
+    return DynaMoForCausalLM.from_gpt_neox(plan.model_path, num_token_heads=1).eval()
+
+
+def _copy_cooccurrence(source: Path, target: Path, vocab_size: int) -> None:
+    """Copy the format's files (and nothing else), then validate the copy that will ship."""
+    target.mkdir(mode=0o755)
+    try:
+        meta_file = source / META_NAME
+        if not meta_file.is_file():
+            raise CooccurrenceFileError(f"{meta_file} not found: {source} is not a co-occurrence directory")
+        shutil.copyfile(meta_file, target / META_NAME)
+        for name in MATRIX_NAMES.values():
+            if (source / name).is_file():
+                shutil.copyfile(source / name, target / name)
+        load_cooccurrence(target, expected_vocab_size=vocab_size)
+    except CooccurrenceFileError as exc:
+        raise ExportError(f"--cooccurrence {source} cannot ship with this model: {exc}") from exc
+
+
+def _save_final(current: Path, target: Path, external_data: str) -> bool:
+    """Write the final graph into the artifact; returns whether its weights went to model.onnx.data."""
+    weights = sum(p.stat().st_size for p in current.parent.iterdir() if p.name != current.name)
+    external = external_data == "always" or weights > EXTERNAL_DATA_THRESHOLD
+    save_onnx(onnx.load(str(current)), target, external=external)
+    return external
+
+
+def _write_manifest(
+    built: Path,
+    plan: _Plan,
+    config: DynaMoConfig,
+    spec: IOSpec,
+    external: bool,
+    parity: ParityReport | None,
+    fused: dict[str, int] | None,
+) -> Manifest:
+    inputs, outputs = spec.to_manifest()
+    heads = config.num_token_heads
+    sampling = SamplingConfig() if heads > 1 else SamplingConfig(mode="ar")
+    manifest = Manifest(
+        format=FORMAT_NAME,
+        schema_version=SCHEMA_VERSION,
+        model=ModelInfo(
+            architecture=plan.kind if plan.kind == "gpt_neox" else config.model_type,
+            num_token_heads=heads,
+            num_hidden_layers=config.num_hidden_layers,
+            num_cache_layers=config.num_cache_layers,
+            num_attention_heads=config.num_attention_heads,
+            head_dim=config.head_dim,
+            hidden_size=config.hidden_size,
+            vocab_size=config.vocab_size,
+            context_length=config.max_position_embeddings,
+            eos_token_id=config.eos_token_id,
+            pad_token_id=config.pad_token_id,
+            bos_token_id=config.bos_token_id,
+        ),
+        graph=GraphInfo(
+            file=MODEL_FILE,
+            external_data=DATA_FILE if external else None,
+            dtype=plan.dtype,
+            cache_dtype=spec.cache_dtype,
+            logits_dtype=spec.logits_dtype,
+            opset=plan.opset,
+            inputs=inputs,
+            outputs=outputs,
+        ),
+        tokenizer=TOKENIZER_FILE if (built / TOKENIZER_FILE).is_file() else None,
+        cooccurrence=COOCCURRENCE_DIR if (built / COOCCURRENCE_DIR).is_dir() else None,
+        sampling_defaults=sampling.to_dict(),
+        producer=_producer(fused),
+        verification=parity.to_dict() if parity else {"status": "skipped (--no-verify)"},
+        files=inventory(built),
+    )
+    (built / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+    # Read it back the way the runtime will: the strict schema and every file's size and hash.
+    written = read_manifest(built)
+    verify_files(built, written)
+    return written
+
+
+def _producer(fused: dict[str, int] | None) -> dict[str, str]:
+    versions = {
+        name: metadata.version(name)
+        for name in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript")
+    }
+    fusions = (
+        "off" if fused is None else ", ".join(f"{op}={n}" for op, n in sorted(fused.items())) or "none found"
+    )
+    return {**versions, "exporter": "torch.onnx.export(dynamo=True)", "ort_transformer_fusions": fusions}
+
+
+def _install(built: Path, out: Path, aside: Path) -> None:
+    """Rename the finished artifact to `out`; an old `out` (allowed by --force) is moved aside, restored on failure."""
+    if not (out.exists() or out.is_symlink()):
+        os.replace(built, out)
+        return
+    os.replace(out, aside)
+    try:
+        os.replace(built, out)
+    except BaseException:
+        os.replace(aside, out)
+        raise

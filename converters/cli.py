@@ -1,0 +1,93 @@
+"""dynamo-export: a checkpoint directory -> an ONNX artifact directory (thin layer over export_artifact)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from converters.artifact import DEFAULT_OPSET, DTYPES, EXTERNAL_DATA, ExportResult, export_artifact
+from dynamo_export.errors import DynaMoError
+from runtime.errors import DynaMoRuntimeError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dynamo-export",
+        description="Export a DynaMo (or plain GPT-NeoX) checkpoint to one ONNX graph with a KV cache that "
+        "returns every head's logits, plus a manifest the runtime reads.",
+    )
+    parser.add_argument("--model", required=True, help="checkpoint directory (DynaMo save_pretrained, or GPT-NeoX)")
+    parser.add_argument("--out", help="artifact directory (default: artifacts/<model>-<dtype>)")
+    parser.add_argument("--cooccurrence", help="co-occurrence directory from dynamo-cooccur to ship with the model")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="fp16 is for CUDA, int8 for CPU")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    parser.add_argument(
+        "--external-data",
+        choices=EXTERNAL_DATA,
+        default="auto",
+        help="auto: weights go to model.onnx.data above 2 GB; always: whatever the size",
+    )
+    parser.add_argument(
+        "--optimize",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="apply onnxruntime's transformer fusions (off by default: no gain measured on CPU)",
+    )
+    parser.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compare ONNX Runtime with PyTorch after export and fail on disagreement",
+    )
+    parser.add_argument("--force", action="store_true", help="replace an existing artifact directory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = export_artifact(
+            args.model,
+            out=args.out,
+            cooccurrence=args.cooccurrence,
+            dtype=args.dtype,
+            opset=args.opset,
+            external_data=args.external_data,
+            optimize=args.optimize,
+            verify=args.verify,
+            force=args.force,
+            progress=sys.stderr.isatty(),
+        )
+    except (DynaMoError, DynaMoRuntimeError) as exc:
+        print(f"dynamo-export: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary(result))
+    return 0
+
+
+def summary(result: ExportResult) -> str:
+    model = result.manifest.model
+    lines = [
+        f"wrote {result.out}: {model.num_token_heads} head(s), {model.num_cache_layers} cache layers, "
+        f"vocab {model.vocab_size}, {result.manifest.graph.dtype}, opset {result.manifest.graph.opset}"
+    ]
+    for path, entry in sorted(result.manifest.files.items()):
+        lines.append(f"  {path:<32} {_size(entry.size):>10}")
+    lines.append(f"  parity: {result.parity.summary() if result.parity else 'not verified (--no-verify)'}")
+    if result.fused:
+        lines.append(f"  fusions: {', '.join(f'{op}={n}' for op, n in sorted(result.fused.items()))}")
+    steps = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in result.seconds.items())
+    lines.append(f"  time: {sum(result.seconds.values()):.1f}s ({steps})")
+    return "\n".join(lines)
+
+
+def _size(size: float) -> str:
+    for unit in ("B", "KB", "MB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GB"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""dynamo-eval: PPL_1..PPL_n and PPL_1:n of a DynaMo (or plain GPT-NeoX, n = 1) checkpoint on a token file.
+
+Example:
+  dynamo-eval --model out/t3/final --tokens data/heldout.bin --seq-len 512 --json out/t3/eval.json
+See dynamo_export.evaluation for the windows and the definition of the joint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from dynamo_export.errors import DynaMoError, TokenFileError
+from dynamo_export.evaluation import check_vocab, evaluate, format_table, load_eval_model, write_json_atomic
+from dynamo_export.tokens import open_tokens
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dynamo-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", required=True, help="DynaMo or GPT-NeoX checkpoint directory")
+    p.add_argument("--tokens", required=True, help="held-out token file (NAME.bin + NAME.json)")
+    p.add_argument("--seq-len", type=int, help="window length (default: the model's context, at most 2048)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int, help="score only the first N batches of windows")
+    p.add_argument("--json", help="write the results here (atomically)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def run(args) -> dict:
+    model = load_eval_model(args.model)
+    ids, meta = open_tokens(args.tokens)
+    check_vocab(meta, model.config, args.tokens)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    seq_len = args.seq_len or min(model.config.max_position_embeddings, 2048)
+    if seq_len > model.config.max_position_embeddings:
+        raise TokenFileError(
+            f"--seq-len {seq_len} exceeds the model's context of {model.config.max_position_embeddings}"
+        )
+    result = evaluate(
+        model.to(device), ids, seq_len, args.batch_size, args.max_batches, progress=not args.no_progress
+    )
+    print(format_table(result))
+    report = {"model": str(args.model), "tokens": str(args.tokens), **result.to_json()}
+    if args.json:
+        write_json_atomic(args.json, report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if (args.seq_len is not None and args.seq_len < 1) or args.batch_size < 1:
+        build_parser().error("--seq-len and --batch-size must be >= 1")
+    try:
+        run(args)
+    except DynaMoError as exc:
+        sys.exit(f"dynamo-eval: error: {exc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Torch-free DynaMo decoding on ONNX Runtime: imports only numpy, scipy, onnxruntime, tokenizers."""
+
+from runtime.config import SamplingConfig
+from runtime.cooccurrence import CooccurrenceMask
+from runtime.engine import DynaMoRuntime, GenerationResult
+from runtime.errors import (
+    ArtifactError,
+    ArtifactFileError,
+    CooccurrenceFileError,
+    DynaMoRuntimeError,
+    InputError,
+    ManifestError,
+    ProviderError,
+    SamplingConfigError,
+)
+from runtime.generation import GenerationStats
+
+__all__ = [
+    "ArtifactError",
+    "ArtifactFileError",
+    "CooccurrenceFileError",
+    "CooccurrenceMask",
+    "DynaMoRuntime",
+    "DynaMoRuntimeError",
+    "GenerationResult",
+    "GenerationStats",
+    "InputError",
+    "ManifestError",
+    "ProviderError",
+    "SamplingConfig",
+]

@@ -1,0 +1,197 @@
+"""DynaMoRuntime: load an exported artifact, then generate or stream from it.
+
+    rt = DynaMoRuntime.load("out/reference-t3", provider="cpu")
+    result = rt.generate("The os module", max_new_tokens=64, config=SamplingConfig(mode="dynamic"))
+    print(result.text, result.stats.tokens_per_pass)
+
+Everything is found through the manifest and checked before the first pass:
+the files against their sizes and hashes, the graph's I/O against the
+manifest, the tokenizer's and the masks' vocabularies against the graph's.
+One loaded runtime serves concurrent calls from several threads: each call
+gets its own cache, random state and stats (runtime/generation.py).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from runtime.config import SamplingConfig
+from runtime.cooccurrence import CooccurrenceMask
+from runtime.errors import ArtifactError, InputError
+from runtime.generation import Decoder, GenerationStats
+from runtime.manifest import Manifest, read_manifest, verify_files
+from runtime.session import Deadline, GraphSession
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str | None  # None when the artifact has no tokenizer
+    token_ids: list[int]  # the new tokens only
+    stats: GenerationStats
+
+
+class DynaMoRuntime:
+    def __init__(
+        self,
+        root: Path,
+        manifest: Manifest,
+        session: GraphSession,
+        tokenizer: Tokenizer | None,
+        masks: CooccurrenceMask | None,
+    ):
+        self.root = root
+        self.manifest = manifest
+        self.session = session
+        self.tokenizer = tokenizer
+        self.masks = masks
+        self.default_config = SamplingConfig.from_manifest_defaults(manifest.sampling_defaults)
+
+    @classmethod
+    def load(
+        cls,
+        artifact_dir: str | os.PathLike,
+        provider: str = "cpu",
+        threads: int | None = None,
+        check_hashes: bool = True,
+    ) -> DynaMoRuntime:
+        root = Path(artifact_dir).resolve()
+        manifest = read_manifest(root)
+        verify_files(root, manifest, check_hashes=check_hashes)
+        vocab = manifest.model.vocab_size
+        tokenizer = None
+        if manifest.tokenizer is not None:
+            try:
+                tokenizer = Tokenizer.from_file(str(root / manifest.tokenizer))
+            except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
+                raise ArtifactError(f"{manifest.tokenizer} is not a valid tokenizers file: {exc}") from exc
+            if tokenizer.get_vocab_size() > vocab:
+                raise ArtifactError(
+                    f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the graph only {vocab}: "
+                    "they come from different models"
+                )
+        masks = None
+        if manifest.cooccurrence is not None:
+            masks = CooccurrenceMask.load(root / manifest.cooccurrence, expected_vocab_size=vocab)
+        session = GraphSession(str(root / manifest.graph.file), manifest, provider=provider, threads=threads)
+        return cls(root, manifest, session, tokenizer, masks)
+
+    @property
+    def provider(self) -> str:
+        return self.session.provider
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 128,
+        config: SamplingConfig | None = None,
+        seed: int | None = None,
+        time_limit_s: float | None = None,
+    ) -> GenerationResult:
+        pieces = list(self._decode(prompt, max_new_tokens, config, seed, time_limit_s))
+        decoder = pieces[-1][1] if pieces else None
+        ids = decoder.generated if decoder else []
+        return GenerationResult(self._text(ids), list(ids), decoder.stats if decoder else GenerationStats())
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 128,
+        config: SamplingConfig | None = None,
+        seed: int | None = None,
+        time_limit_s: float | None = None,
+    ) -> Iterator[str]:
+        """Yield text pieces as passes accept tokens; joined, they equal generate()'s text."""
+        if self.tokenizer is None:
+            raise InputError(
+                "stream() yields text and this artifact has no tokenizer: use generate() with ids"
+            )
+        emitted = ""
+        for _, decoder in self._decode(prompt, max_new_tokens, config, seed, time_limit_s):
+            text = self._text(decoder.generated)
+            # A byte-level BPE token can end inside a UTF-8 character: wait for the rest of it.
+            if text.endswith("\ufffd") and not decoder.stats.stop_reason:
+                continue
+            if len(text) > len(emitted):
+                yield text[len(emitted) :]
+                emitted = text
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _decode(
+        self, prompt, max_new_tokens, config, seed, time_limit_s
+    ) -> Iterator[tuple[list[int], Decoder]]:
+        config = config if config is not None else self.default_config
+        if not isinstance(config, SamplingConfig):
+            raise InputError(f"config must be a SamplingConfig, got {type(config).__name__}")
+        prompt_ids = self._prompt_ids(prompt)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+        stop_ids, stop_strings = self._stops(config)
+        deadline = Deadline(time_limit_s)
+        decoder = Decoder(self.session, self.masks, config, seed, max_new_tokens, stop_ids, deadline)
+        try:
+            for accepted in decoder.run(prompt_ids):
+                if stop_strings and self._cut_at_stop_string(decoder, stop_strings):
+                    decoder.stop()
+                yield accepted, decoder
+        finally:
+            deadline.cancel()
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InputError("a text prompt needs a tokenizer and this artifact has none: pass token ids")
+            ids = self.tokenizer.encode(prompt).ids
+        elif isinstance(prompt, (list, tuple, np.ndarray)):
+            ids = [int(t) for t in prompt] if all(_is_int(t) for t in prompt) else None
+            if ids is None:
+                raise InputError("a prompt given as a sequence must hold integer token ids")
+        else:
+            raise InputError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise InputError("the prompt is empty: give at least one token")
+        vocab = self.manifest.model.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InputError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        context = self.manifest.model.context_length
+        if len(ids) >= context:
+            raise InputError(
+                f"the prompt has {len(ids)} tokens but the model's context is {context}: "
+                "shorten the prompt to leave room for at least one new token"
+            )
+        return ids
+
+    def _stops(self, config: SamplingConfig) -> tuple[frozenset[int], tuple[str, ...]]:
+        ids = {s for s in config.stop if not isinstance(s, str)}
+        strings = tuple(s for s in config.stop if isinstance(s, str))
+        if strings and self.tokenizer is None:
+            raise InputError("stop strings need a tokenizer and this artifact has none: give stop token ids")
+        if self.manifest.model.eos_token_id is not None:
+            ids.add(self.manifest.model.eos_token_id)
+        return frozenset(ids), strings
+
+    def _cut_at_stop_string(self, decoder: Decoder, stops: tuple[str, ...]) -> bool:
+        """Drop the tokens after the one that completes a stop string; True if one matched."""
+        text = self._text(decoder.generated)
+        if not any(s in text for s in stops):
+            return False
+        for end in range(1, len(decoder.generated) + 1):
+            if any(s in self._text(decoder.generated[:end]) for s in stops):
+                del decoder.generated[end:]
+                decoder.stats.new_tokens = end
+                return True
+        return True
+
+    def _text(self, ids: list[int]) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)

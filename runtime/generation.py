@@ -1,0 +1,216 @@
+"""The decoding loop: one forward pass per step, 1..n tokens accepted per pass.
+
+Modes (runtime/config.py):
+- ar: head 1 alone, one token per pass -- the baseline on the same artifact.
+- dynamic: Algorithm 1 (runtime/sampling.py) at the last fed position; every
+  emitted token is fed in the next pass at once through the KV cache.
+- verify: heads 2..n draft the tokens after the one head 1 just chose; the next
+  pass feeds [chosen, drafts...] and head 1 checks every draft at its position
+  with speculative-sampling acceptance, so the output is distributed exactly as
+  `ar`'s. Slots of rejected drafts stay in the cache, masked out.
+
+`Decoder.run()` yields the tokens each pass accepts, so `generate` and
+`stream` share one code path. Timings split every pass into ONNX Runtime time
+and sampling time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from runtime.config import SamplingConfig
+from runtime.errors import GenerationTimeout
+from runtime.sampling import Draft, DynamicSampler, draft_tokens, sample_ar, verify_drafts
+from runtime.session import Deadline, GraphSession
+
+
+@dataclass
+class GenerationStats:
+    forward_passes: int = 0
+    emissions: dict[int, int] = field(
+        default_factory=dict
+    )  # tokens the sampler emitted in one pass -> passes
+    backoffs: int = 0  # dynamic: times n was lowered, summed over passes
+    drafted: int = 0  # verify: drafts checked
+    accepted: int = 0  # verify: drafts accepted
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    first_pass_tokens: int = 0
+    prefill_s: float = 0.0  # first pass: prompt through the graph + first sampling
+    decode_s: float = 0.0  # every later pass
+    decode_ort_s: float = 0.0
+    decode_sampling_s: float = 0.0
+    stop_reason: str = ""  # max_new_tokens | stop | context
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.new_tokens / self.forward_passes if self.forward_passes else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        total = self.prefill_s + self.decode_s
+        return self.new_tokens / total if total > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first pass over the time after it: the steady-state speed."""
+        later = self.new_tokens - self.first_pass_tokens
+        return later / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def sampling_share(self) -> float:
+        """Sampling time over ONNX Runtime time during decode (the issue's budget is 0.15)."""
+        return self.decode_sampling_s / self.decode_ort_s if self.decode_ort_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        fields_ = {k: v for k, v in vars(self).items() if k != "emissions"}
+        return {
+            **fields_,
+            "emissions": {str(k): v for k, v in sorted(self.emissions.items())},
+            "tokens_per_pass": self.tokens_per_pass,
+            "tokens_per_s": self.tokens_per_s,
+            "decode_tokens_per_s": self.decode_tokens_per_s,
+            "sampling_share": self.sampling_share,
+        }
+
+
+class Decoder:
+    """One generation stream: its own cache, random state and stats over a shared session."""
+
+    def __init__(
+        self,
+        session: GraphSession,
+        masks,
+        config: SamplingConfig,
+        seed: int | None,
+        max_new_tokens: int,
+        stop_ids: frozenset[int],
+        deadline: Deadline,
+    ):
+        self.session = session
+        self.masks = masks
+        self.config = config
+        self.rng = np.random.default_rng(seed)
+        self.max_new_tokens = max_new_tokens
+        self.stop_ids = stop_ids
+        self.deadline = deadline
+        self.sampler = DynamicSampler()
+        self.cache = session.empty_cache()
+        self.context_length = session.manifest.model.context_length
+        self.n_heads = session.manifest.model.num_token_heads
+        self.generated: list[int] = []
+        self.next_position = 0  # position of the next fed token (rejected drafts do not count)
+        self.to_feed: list[int] = []  # accepted tokens not yet through the graph
+        self.draft: Draft | None = None  # verify: drafts for the tokens after to_feed
+        self.stats = GenerationStats()
+
+    def run(self, prompt: list[int]) -> Iterator[list[int]]:
+        """Yield the tokens each pass accepts (after stop and length cuts) until done."""
+        self.stats.prompt_tokens = len(prompt)
+        start = time.perf_counter()
+        logits = self._forward(prompt)  # (n_heads, T, V)
+        tokens = self._first_choice(logits[:, -1])
+        accepted = self._accept(tokens)
+        self.stats.prefill_s = time.perf_counter() - start
+        self.stats.first_pass_tokens = len(accepted)
+        yield accepted
+        while not self.stats.stop_reason:
+            if self.deadline.expired:
+                raise GenerationTimeout("generation ran past its time limit and was stopped")
+            pass_start = time.perf_counter()
+            feed = self._next_feed()
+            if not feed:
+                self.stats.stop_reason = "context"
+                break
+            ort_start = time.perf_counter()
+            logits = self._forward(feed)
+            sample_start = time.perf_counter()
+            tokens = (
+                self._verify(logits, feed) if self.config.mode == "verify" else self._choose(logits[:, -1])
+            )
+            accepted = self._accept(tokens)
+            done = time.perf_counter()
+            self.stats.decode_ort_s += sample_start - ort_start
+            self.stats.decode_sampling_s += done - sample_start
+            self.stats.decode_s += done - pass_start
+            yield accepted
+
+    def stop(self) -> None:
+        """End the stream after the current pass (a stop string matched in the text)."""
+        self.stats.stop_reason = "stop"
+
+    def _next_feed(self) -> list[int]:
+        """What the next pass feeds; drafts are cut to fit the context, [] when nothing fits."""
+        room = self.context_length - self.next_position
+        if len(self.to_feed) > room:
+            return []
+        if self.config.mode == "verify" and self.draft is not None:
+            keep = min(len(self.draft.tokens), room - len(self.to_feed))
+            self.draft = Draft(self.draft.tokens[:keep], self.draft.dists[:keep])
+            return [*self.to_feed, *self.draft.tokens]
+        return list(self.to_feed)
+
+    def _forward(self, tokens: list[int]) -> np.ndarray:
+        positions = list(range(self.next_position, self.next_position + len(tokens)))
+        logits = self.session.forward(self.cache, tokens, positions, self.deadline.run_options)
+        self.next_position += len(tokens)
+        self.stats.forward_passes += 1
+        return logits
+
+    def _first_choice(self, last: np.ndarray) -> list[int]:
+        """The prefill pass's tokens; in verify mode it also drafts the ones after them."""
+        if self.config.mode != "verify":
+            return self._choose(last)
+        token = sample_ar(last[0], self.generated, self.config, self.rng)
+        self.draft = self._draft(last, [*self.generated, token])
+        return [token]
+
+    def _choose(self, last: np.ndarray) -> list[int]:
+        if self.config.mode == "ar" or self.n_heads == 1:
+            return [sample_ar(last[0], self.generated, self.config, self.rng)]
+        result = self.sampler.step(last, self.generated, self.masks, self.config, self.rng)
+        self.stats.backoffs += result.backoffs
+        return list(result.tokens)
+
+    def _draft(self, last: np.ndarray, context: list[int]) -> Draft | None:
+        return draft_tokens(last[1:], context, self.config, self.rng) if self.n_heads > 1 else None
+
+    def _verify(self, logits: np.ndarray, feed: list[int]) -> list[int]:
+        """Check the drafts fed after the last accepted token; mask the slots of rejected ones."""
+        draft = self.draft
+        if draft is None or not draft.tokens:
+            token = sample_ar(logits[0, -1], self.generated, self.config, self.rng)
+            self.draft = self._draft(logits[:, -1], [*self.generated, token])
+            return [token]
+        first = len(feed) - len(draft.tokens) - 1  # row of head 1 that predicts the first draft
+        verdict = verify_drafts(logits[0, first:], draft, self.generated, self.config, self.rng)
+        self.stats.drafted += len(draft.tokens)
+        self.stats.accepted += verdict.accepted
+        rejected = len(draft.tokens) - verdict.accepted
+        if rejected:
+            self.cache.live[-rejected:] = [0] * rejected
+            self.next_position -= rejected
+        self.draft = self._draft(logits[:, first + verdict.accepted], [*self.generated, *verdict.tokens])
+        return list(verdict.tokens)
+
+    def _accept(self, tokens: list[int]) -> list[int]:
+        """Cut at a stop token or the length budget; record the emission; queue what to feed next."""
+        self.stats.emissions[len(tokens)] = self.stats.emissions.get(len(tokens), 0) + 1
+        kept = []
+        for token in tokens:
+            if token in self.stop_ids:
+                self.stats.stop_reason = "stop"
+                break
+            kept.append(token)
+            if len(self.generated) + len(kept) >= self.max_new_tokens:
+                self.stats.stop_reason = "max_new_tokens"
+                break
+        self.generated.extend(kept)
+        self.stats.new_tokens = len(self.generated)
+        # verify feeds the newest token followed by its drafts; ar/dynamic feed all accepted tokens.
+        self.to_feed = kept[-1:] if self.config.mode == "verify" else kept
+        return kept

@@ -1,0 +1,227 @@
+"""One ONNX Runtime session over an artifact's graph, and the per-stream KV cache.
+
+The graph's I/O contract comes from the manifest (runtime/manifest.py). The
+cache stays where the provider computes: numpy arrays on CPU (ORT reads them in
+place, and the presents it returns become the next pass's pasts without a copy)
+and device-resident OrtValues on CUDA through IO binding, so only the logits
+cross to the host.
+
+Rejected verify drafts are not cut out of the cache; their slots are masked out
+through `attention_mask` instead. That keeps one code path for both providers
+and never copies or reallocates a cache: the masked slots add exp(min) = 0 to
+the softmax, so the result is that of a trimmed cache.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from runtime.errors import ArtifactError, GenerationTimeout, ProviderError
+from runtime.manifest import Manifest
+
+PROVIDERS = ("cpu", "cuda", "auto")
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
+
+
+def resolve_provider(provider: str) -> str:
+    """'cpu' | 'cuda'; 'auto' picks CUDA when this onnxruntime build has it."""
+    if provider not in PROVIDERS:
+        raise ProviderError(f"provider={provider!r} is not one of {list(PROVIDERS)}")
+    available = ort.get_available_providers()
+    has_cuda = "CUDAExecutionProvider" in available
+    if provider == "auto":
+        return "cuda" if has_cuda else "cpu"
+    if provider == "cuda" and not has_cuda:
+        raise ProviderError(
+            "provider='cuda' needs the CUDA execution provider, but this onnxruntime build only has "
+            f"{available}. Fix: pip uninstall -y onnxruntime && pip install 'dynamo-export[gpu]' "
+            "(onnxruntime-gpu), or pass provider='cpu' / 'auto'."
+        )
+    return provider
+
+
+@dataclass
+class KVCache:
+    """One generation stream's cache: per layer (key, value), plus which slots are live."""
+
+    keys: list
+    values: list
+    live: list[int] = field(default_factory=list)  # 1 = a real token, 0 = a rejected draft's slot
+
+    @property
+    def slots(self) -> int:
+        return len(self.live)
+
+
+class GraphSession:
+    """Runs forward passes of one artifact; thread-safe (ORT sessions are), state lives in KVCache."""
+
+    def __init__(
+        self, model_path: str, manifest: Manifest, provider: str = "cpu", threads: int | None = None
+    ):
+        self.manifest = manifest
+        self.provider = resolve_provider(provider)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            if int(threads) < 1:
+                raise ProviderError(f"threads={threads!r} must be >= 1 (or None for ONNX Runtime's default)")
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        providers = (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            if self.provider == "cuda"
+            else ["CPUExecutionProvider"]
+        )
+        try:
+            self.session = ort.InferenceSession(model_path, sess_options=options, providers=providers)
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+            raise ArtifactError(f"ONNX Runtime could not load {model_path}: {exc}") from exc
+        self._check_io()
+        self.past_names = list(
+            zip(manifest.cache_names("past_key"), manifest.cache_names("past_value"), strict=True)
+        )
+        self.present_names = [
+            name
+            for pair in zip(
+                manifest.cache_names("present_key"), manifest.cache_names("present_value"), strict=True
+            )
+            for name in pair
+        ]
+        self.cache_dtype = np.dtype(manifest.graph.cache_dtype)
+        self._device_id = 0
+
+    def _check_io(self) -> None:
+        """The graph's inputs/outputs must be exactly the manifest's, with the same dtypes."""
+        graph = self.manifest.graph
+        actual_in = {i.name: _ORT_DTYPES.get(i.type, i.type) for i in self.session.get_inputs()}
+        actual_out = {o.name: _ORT_DTYPES.get(o.type, o.type) for o in self.session.get_outputs()}
+        expected_in = {name: spec.dtype for name, spec in graph.inputs.items()}
+        expected_out = {name: spec.dtype for name, spec in graph.outputs.items()}
+        problems = []
+        for kind, actual, expected in (
+            ("inputs", actual_in, expected_in),
+            ("outputs", actual_out, expected_out),
+        ):
+            if set(actual) != set(expected):
+                problems.append(
+                    f"graph {kind} {sorted(set(actual) ^ set(expected))} differ between model.onnx and the manifest"
+                )
+            bad = sorted(
+                f"{n}: graph {actual[n]} vs manifest {expected[n]}"
+                for n in set(actual) & set(expected)
+                if actual[n] != expected[n]
+            )
+            if bad:
+                problems.append(f"{kind} dtypes differ: {bad}")
+        logits = (
+            self.session.get_outputs()[[o.name for o in self.session.get_outputs()].index("logits")]
+            if ("logits" in actual_out)
+            else None
+        )
+        if (
+            logits is not None
+            and isinstance(logits.shape[-1], int)
+            and logits.shape[-1] != self.manifest.model.vocab_size
+        ):
+            problems.append(
+                f"logits width {logits.shape[-1]} != manifest vocab_size {self.manifest.model.vocab_size}"
+            )
+        if problems:
+            raise ArtifactError("the graph does not match its manifest: " + "; ".join(problems))
+
+    def empty_cache(self) -> KVCache:
+        m = self.manifest.model
+        shape = (1, m.num_attention_heads, 0, m.head_dim)
+        layers = m.num_cache_layers
+        keys = [np.zeros(shape, self.cache_dtype) for _ in range(layers)]
+        values = [np.zeros(shape, self.cache_dtype) for _ in range(layers)]
+        if self.provider == "cuda":
+            keys = [self._to_device(k) for k in keys]
+            values = [self._to_device(v) for v in values]
+        return KVCache(keys, values, [])
+
+    def _to_device(self, array: np.ndarray):
+        return ort.OrtValue.ortvalue_from_numpy(array, "cuda", self._device_id)
+
+    def forward(
+        self,
+        cache: KVCache,
+        tokens: list[int],
+        positions: list[int],
+        run_options: ort.RunOptions | None = None,
+    ) -> np.ndarray:
+        """Feed `tokens` at `positions`; returns logits (n_heads, len(tokens), vocab) and grows `cache`."""
+        input_ids = np.asarray([tokens], dtype=np.int64)  # (1, T)
+        position_ids = np.asarray([positions], dtype=np.int64)  # (1, T)
+        attention_mask = np.asarray([[*cache.live, *([1] * len(tokens))]], dtype=np.int64)  # (1, past+T)
+        try:
+            if self.provider == "cuda":
+                logits = self._forward_bound(cache, input_ids, attention_mask, position_ids, run_options)
+            else:
+                logits = self._forward_cpu(cache, input_ids, attention_mask, position_ids, run_options)
+        except Exception as exc:
+            if run_options is not None and run_options.terminate:
+                raise GenerationTimeout("generation ran past its time limit and was stopped") from exc
+            raise
+        cache.live.extend([1] * len(tokens))
+        return logits[0]  # (n_heads, T, V)
+
+    def _forward_cpu(self, cache, input_ids, attention_mask, position_ids, run_options):
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        for (key_name, value_name), key, value in zip(self.past_names, cache.keys, cache.values, strict=True):
+            feed[key_name] = key
+            feed[value_name] = value
+        outputs = self.session.run(["logits", *self.present_names], feed, run_options)
+        cache.keys[:] = outputs[1::2]
+        cache.values[:] = outputs[2::2]
+        return outputs[0]
+
+    def _forward_bound(self, cache, input_ids, attention_mask, position_ids, run_options):
+        binding = self.session.io_binding()
+        for name, array in (
+            ("input_ids", input_ids),
+            ("attention_mask", attention_mask),
+            ("position_ids", position_ids),
+        ):
+            binding.bind_ortvalue_input(name, self._to_device(array))
+        for (key_name, value_name), key, value in zip(self.past_names, cache.keys, cache.values, strict=True):
+            binding.bind_ortvalue_input(key_name, key)
+            binding.bind_ortvalue_input(value_name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.present_names:
+            binding.bind_output(name, "cuda", self._device_id)
+        self.session.run_with_iobinding(binding, run_options)
+        outputs = binding.get_outputs()
+        cache.keys[:] = outputs[1::2]
+        cache.values[:] = outputs[2::2]
+        return outputs[0].numpy()
+
+
+class Deadline:
+    """Terminates the in-flight ORT run when a per-call time limit passes (RunOptions.terminate)."""
+
+    def __init__(self, seconds: float | None):
+        self.run_options = ort.RunOptions()
+        self._timer = None
+        if seconds is not None:
+            if seconds <= 0:
+                raise ValueError(f"time_limit_s={seconds!r} must be > 0")
+            self._timer = threading.Timer(seconds, self._expire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _expire(self) -> None:
+        self.run_options.terminate = True
+
+    @property
+    def expired(self) -> bool:
+        return bool(self.run_options.terminate)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()

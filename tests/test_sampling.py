@@ -1,0 +1,545 @@
+"""The fast sampler (runtime/sampling.py) against the plain reference (runtime/reference.py) and
+against the properties Algorithm 1 promises: normalised joint, eps_b = 1 is `ar`, eps_b = 0 always
+emits n, back-off, greedy, repetition penalty, verify mode's exact target distribution."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from runtime import reference
+from runtime.config import SamplingConfig
+from runtime.cooccurrence import CooccurrenceMask, save_cooccurrence
+from runtime.errors import SamplingConfigError, SamplingError
+from runtime.sampling import (
+    Draft,
+    DynamicSampler,
+    TopK,
+    ar_distribution,
+    draft_tokens,
+    head_topk,
+    sample_ar,
+    verify_drafts,
+)
+
+PLAIN = SamplingConfig(temperature=1.0, repetition_penalty=1.0, adaptive=False, blur=0)
+
+
+class DenseMasks:
+    """Co-occurrence weights backed by dense (V, V) and (V, V, V) arrays."""
+
+    def __init__(self, pair: np.ndarray, triple: np.ndarray | None = None) -> None:
+        self.tables = {2: pair} if triple is None else {2: pair, 3: triple}
+        self.orders = tuple(self.tables)
+
+    def weights(self, ids):
+        return self.tables[len(ids)][np.ix_(*ids)].astype(np.float32)  # stored as the real masks are
+
+
+def random_masks(rng: np.random.Generator, vocab: int, density: float) -> DenseMasks:
+    def table(shape):
+        return (rng.random(shape) < density) * rng.uniform(0.1, 5.0, shape)
+
+    return DenseMasks(table((vocab, vocab)), table((vocab, vocab, vocab)))
+
+
+class FakeModel:
+    """Logits of every head as a fixed random function of the prefix (a stand-in for a network)."""
+
+    def __init__(self, vocab: int, n_heads: int, seed: int, scale: float = 2.0) -> None:
+        self.vocab, self.n_heads, self.seed, self.scale = vocab, n_heads, seed, scale
+        self._cache: dict[tuple[int, ...], np.ndarray] = {}
+
+    def __call__(self, prefix) -> np.ndarray:
+        key = tuple(int(t) for t in prefix)
+        if key not in self._cache:
+            rng = np.random.default_rng([self.seed, len(key), *key])
+            logits = rng.normal(size=(self.n_heads, self.vocab)) * self.scale
+            for head in range(self.n_heads):  # head i leans to last + i: drafts get accepted sometimes
+                logits[head, (key[-1] + head + 1) % self.vocab] += 2.0
+            self._cache[key] = logits.astype(np.float32)
+        return self._cache[key]
+
+
+def outer(vectors):
+    """v_1 (x) v_2 (x) ... as ((v_1 * v_2) * v_3) ..."""
+    return functools.reduce(np.multiply, np.ix_(*vectors))
+
+
+# --- fast == reference ------------------------------------------------------------------------
+
+
+@st.composite
+def steps(draw):
+    n_heads = draw(st.sampled_from([1, 2, 3, 3]))
+    vocab = draw(st.integers(2, 24))
+    adaptive = draw(st.booleans())
+    config = SamplingConfig(
+        eps_b=draw(st.one_of(st.sampled_from([0.0, 0.1, 0.3, 0.5, 1.0]), st.floats(0.0, 1.0))),
+        top_k=draw(st.integers(1, min(vocab, 6))),
+        temperature=draw(st.sampled_from([0.0, 0.3, 0.7, 1.0, 2.5])),
+        repetition_penalty=draw(st.sampled_from([1.0, 1.1, 3.0])),
+        alpha_c=draw(st.sampled_from([0.0, 0.5, 1.0, 2.0])),
+        adaptive=adaptive,
+        blur=draw(st.sampled_from([0, 1, 3, 5])) if adaptive else 0,
+        static_threshold=draw(st.sampled_from([0.0, 1e-3, 0.02])),
+    )
+    # Values come from a seeded generator: continuous, so no two implementations' rounding can
+    # straddle an exact tie (ties get their own tests below).
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    scale = draw(st.sampled_from([0.3, 2.0, 8.0, 40.0]))
+    logits = (rng.normal(size=(n_heads, vocab)) * scale).astype(np.float32)
+    density = draw(st.sampled_from([None, 0.0, 0.3, 0.8, 1.0]))
+    masks = None if density is None else random_masks(rng, vocab, density)
+    generated = rng.integers(0, vocab, size=int(rng.integers(0, 6)))
+    return logits, generated, masks, config, int(rng.integers(2**32))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps())
+def test_fast_step_equals_reference(case):
+    logits, generated, masks, config, seed = case
+    fast_rng, ref_rng = np.random.default_rng(seed), np.random.default_rng(seed)
+    sampler = DynamicSampler()
+
+    fast = sampler.step(logits, generated, masks, config, fast_rng)
+    ties: list[str] = []
+    tokens, backoffs = reference.step(logits, generated, masks, config, ref_rng, ties)
+    for n in range(2, logits.shape[0] + 1):
+        heads = [reference.candidates(row, config.top_k, config.temperature or 1.0) for row in logits[:n]]
+        reference.joint(heads, generated, masks, config, ties)
+    # A decision exactly on a boundary is a coin toss between two roundings (see reference.py).
+    assume(not ties)
+
+    assert (fast.tokens, fast.backoffs) == (tokens, backoffs)
+    assert fast_rng.bit_generator.state == ref_rng.bit_generator.state  # same draws consumed
+    temperature = config.temperature or 1.0
+    for n in range(2, logits.shape[0] + 1):  # the same joint at every level
+        topks = [head_topk(row, config.top_k, temperature) for row in logits[:n]]
+        heads = [reference.candidates(row, config.top_k, temperature) for row in logits[:n]]
+        assert [t.ids.tolist() for t in topks] == [[tok for tok, _ in h] for h in heads]
+        grid = sampler.joint(topks, np.asarray(generated), masks, config)
+        expected = reference.joint(heads, generated, masks, config)
+        np.testing.assert_allclose(
+            [grid[c] for c in expected], list(expected.values()), rtol=1e-9, atol=1e-300
+        )
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.integers(1, 2000),
+    st.integers(1, 8),
+    st.sampled_from(["ties", "continuous", "neg_inf"]),
+    st.integers(0, 2**32 - 1),
+)
+def test_topk_matches_reference_including_ties(vocab, top_k, kind, seed):
+    rng = np.random.default_rng(seed)
+    if kind == "continuous":
+        row = rng.normal(size=vocab)
+    else:
+        row = rng.integers(-2, 3, size=vocab).astype(float)  # many equal logits
+        if kind == "neg_inf":
+            row[rng.random(vocab) < 0.5] = -np.inf
+            row[rng.integers(vocab)] = 1.0
+    row = row.astype(np.float32)
+    top = head_topk(row, top_k, 0.7)
+    expected = reference.candidates(row, top_k, 0.7)
+    assert top.ids.tolist() == [t for t, _ in expected]  # ties go to the smallest ids
+    np.testing.assert_allclose(top.probs, [p for _, p in expected], rtol=1e-12)
+
+
+# --- the joint ---------------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 3), st.floats(0.25, 3.0), st.floats(0.0, 1.0), st.integers(0, 2**32 - 1))
+def test_weighted_joint_keeps_the_grid_mass(n, alpha_c, density, seed):
+    rng = np.random.default_rng(seed)
+    vocab, config = 40, PLAIN.replace(top_k=7, alpha_c=alpha_c)
+    masks = random_masks(rng, vocab, density)
+    topks = [head_topk(row, config.top_k, 1.0) for row in rng.normal(size=(n, vocab)).astype(np.float32)]
+    product = outer([t.probs for t in topks])
+    weights = masks.weights([t.ids for t in topks]).astype(np.float64)
+
+    grid = DynamicSampler().joint(topks, np.array([], dtype=np.int64), masks, config).copy()
+
+    if not weights.any():  # every candidate n-gram unseen: nothing to redistribute
+        assert not grid.any()
+        return
+    assert math.isclose(grid.sum(), product.sum(), rel_tol=1e-12)  # mass kept, not created
+    assert grid.sum() <= 1.0
+    seen = weights > 0
+    ratio = grid[seen] / (product[seen] * weights[seen] ** alpha_c)
+    np.testing.assert_allclose(ratio, ratio[0], rtol=1e-12)  # one common factor
+    assert not grid[~seen].any()
+
+
+def test_without_masks_the_joint_is_the_product_of_marginals():
+    rng = np.random.default_rng(0)
+    topks = [head_topk(row, 5, 1.0) for row in rng.normal(size=(3, 30)).astype(np.float32)]
+    pairs_only = DenseMasks(rng.random((30, 30)))  # no triples: the 3-head grid stays unweighted
+    for masks, alpha_c in [(None, 1.0), (random_masks(rng, 30, 0.5), 0.0), (pairs_only, 1.0)]:
+        grid = DynamicSampler().joint(topks, np.array([1]), masks, PLAIN.replace(alpha_c=alpha_c))
+        expected = outer([t.probs for t in topks])
+        np.testing.assert_array_equal(grid, expected)
+
+
+def test_otsu_zeroes_the_low_class_and_keeps_the_peak():
+    rng = np.random.default_rng(1)
+    row = np.zeros(50, dtype=np.float32)
+    row[:3] = [6.0, 5.5, 5.0]  # three likely tokens, a long flat tail
+    logits = np.stack([row, rng.permutation(row)])
+    topks = [head_topk(r, 10, 1.0) for r in logits]
+    plain = DynamicSampler().joint(topks, np.array([]), None, PLAIN.replace(top_k=10)).copy()
+    for blur in (0, 3):
+        otsu = DynamicSampler().joint(
+            topks, np.array([]), None, PLAIN.replace(top_k=10, adaptive=True, blur=blur)
+        )
+        kept = otsu > 0
+        assert kept[0, 0] and kept.sum() < kept.size / 2  # the tail is cut
+        np.testing.assert_array_equal(otsu[kept], plain[kept])  # survivors are untouched
+        if blur == 0:  # Otsu on J itself is a cut in value
+            assert otsu[kept].min() > plain[~kept].max()
+
+
+def test_the_runtimes_cooccurrence_mask_plugs_in(tmp_path):
+    """The sampler's CooccurrenceWeights contract, met by runtime.cooccurrence (float32, `orders`)."""
+    vocab, rng = 20, np.random.default_rng(9)
+    dense = random_masks(rng, vocab, 0.4)
+    dense.tables[3] *= dense.tables[2][:, :, None] > 0  # a seen triple's prefix pair is seen
+    weights = {}
+    for n, table in dense.tables.items():
+        keys = np.flatnonzero(table)  # base-V codes in C order = strictly increasing
+        weights[n] = (keys.astype(np.int64), table.ravel()[keys].astype(np.float32))
+    out = tmp_path / "mask"
+    save_cooccurrence(
+        out,
+        vocab_size=vocab,
+        num_tokens=1000,
+        ngram_positions={2: 999, 3: 998},
+        min_count=1,
+        eot_id=0,
+        weights=weights,
+    )
+    mask = CooccurrenceMask.load(out, expected_vocab_size=vocab)
+    emitted = []
+    for seed in range(30):
+        config = SamplingConfig(top_k=5, eps_b=(0.2, 0.7, 0.95)[seed % 3])
+        logits = np.random.default_rng(seed).normal(size=(3, vocab)).astype(np.float32) * 2
+        ties: list[str] = []
+        expected = reference.step(logits, [1, 2], mask, config, np.random.default_rng(seed), ties)
+        fast = DynamicSampler().step(logits, [1, 2], mask, config, np.random.default_rng(seed))
+        assert ties or (fast.tokens, fast.backoffs) == expected
+        emitted.append(len(fast.tokens))
+        # Same float32 weights as the dense stand-in the other tests use: the very same step.
+        assert fast == DynamicSampler().step(logits, [1, 2], dense, config, np.random.default_rng(seed))
+    assert {1, 3} <= set(emitted)  # emissions and back-offs both happened
+
+
+# --- decisions ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("masks_density", [None, 0.3])
+def test_eps_b_one_is_exactly_ar_with_the_same_seed(masks_density):
+    vocab, model = 60, FakeModel(60, n_heads=3, seed=7)
+    masks = None if masks_density is None else random_masks(np.random.default_rng(3), vocab, masks_density)
+    dynamic_config = SamplingConfig(eps_b=1.0, top_k=10)  # the paper's other defaults
+    ar_rng, dynamic_rng = np.random.default_rng(11), np.random.default_rng(11)
+    sampler = DynamicSampler()
+    ar, dynamic = [5], [5]
+    for _ in range(300):
+        ar.append(sample_ar(model(ar)[0], ar, SamplingConfig(mode="ar", top_k=10), ar_rng))
+        result = sampler.step(model(dynamic), dynamic, masks, dynamic_config, dynamic_rng)
+        assert len(result.tokens) == 1 and result.backoffs == 2
+        dynamic.extend(result.tokens)
+    assert dynamic == ar
+    assert len(set(ar)) > 20  # really sampled, not a constant stream
+
+
+@pytest.mark.parametrize("n_heads", [2, 3])
+def test_eps_b_zero_always_emits_n(n_heads):
+    rng = np.random.default_rng(n_heads)
+    sampler = DynamicSampler()
+    masks = DenseMasks(rng.uniform(0.1, 5, (80, 80)), rng.uniform(0.1, 5, (80, 80, 80)))  # nothing unseen
+    for config in [SamplingConfig(eps_b=0.0, top_k=20), SamplingConfig(eps_b=0.0, top_k=20, temperature=0)]:
+        for step in range(100):
+            logits = (rng.normal(size=(n_heads, 80)) * rng.choice([0.5, 5, 30])).astype(np.float32)
+            generated = rng.integers(0, 80, size=step % 10)
+            result = sampler.step(logits, generated, masks if step % 2 else None, config, rng)
+            assert len(result.tokens) == n_heads and result.backoffs == 0
+
+
+def test_eps_b_zero_backs_off_only_when_every_candidate_is_masked():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 30)).astype(np.float32)
+    unseen = DenseMasks(np.zeros((30, 30)))
+    result = DynamicSampler().step(logits, [], unseen, SamplingConfig(eps_b=0.0, top_k=5), rng)
+    assert result.backoffs == 1 and len(result.tokens) == 1
+
+
+def peaked_then_flat(vocab=100, top=4.0):
+    """Head 1 sure of token 0, head 2 uniform: max J = f1(0) / vocab."""
+    logits = np.zeros((2, vocab), dtype=np.float32)
+    logits[0, 0] = top
+    f1 = math.exp(top) / (math.exp(top) + vocab - 1)
+    return logits, f1 / vocab
+
+
+def test_back_off_happens_exactly_below_the_bound():
+    logits, max_joint = peaked_then_flat()
+    config = PLAIN.replace(top_k=5)
+    above = config.replace(eps_b=max_joint * 0.999)
+    below = config.replace(eps_b=max_joint * 1.001)
+    assert len(DynamicSampler().step(logits, [], None, above, np.random.default_rng(0)).tokens) == 2
+    result = DynamicSampler().step(logits, [], None, below, np.random.default_rng(0))
+    assert result.backoffs == 1
+    assert result.tokens == (sample_ar(logits[0], [], config, np.random.default_rng(0)),)
+
+
+def test_three_heads_back_off_to_two():
+    logits, _ = peaked_then_flat(top=8.0)  # f1(0) = 0.97
+    sure = np.full((1, 100), -10, dtype=np.float32)
+    sure[0, 7] = 10  # head 2 certain, head 3 (uniform) hopeless
+    logits = np.concatenate([logits[:1], sure, logits[1:]])  # heads: peaked, certain, flat
+    result = DynamicSampler().step(
+        logits, [], None, PLAIN.replace(eps_b=0.5, top_k=5), np.random.default_rng(0)
+    )
+    assert result.backoffs == 1 and len(result.tokens) == 2 and result.tokens[1] == 7
+
+
+# --- greedy and repetition penalty ------------------------------------------------------------
+
+
+def test_greedy_takes_the_argmax_and_draws_nothing():
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(3, 200)).astype(np.float32)
+    state = rng.bit_generator.state
+    greedy = SamplingConfig(temperature=0, eps_b=0.0, top_k=8, alpha_c=0, adaptive=False, blur=0)
+    assert sample_ar(logits[0], [], greedy, rng) == int(np.argmax(logits[0]))
+    result = DynamicSampler().step(logits, [], None, greedy, rng)
+    assert result.tokens == tuple(int(i) for i in np.argmax(logits, axis=1))
+    assert rng.bit_generator.state == state
+
+
+def test_repetition_penalty_divides_the_probability_of_generated_tokens():
+    rng = np.random.default_rng(2)
+    row = rng.normal(size=50).astype(np.float32)
+    first, second = np.argsort(-row)[:2]
+    config = SamplingConfig(top_k=10, temperature=1.0, repetition_penalty=1.7)
+    plain = ar_distribution(row, [], config)
+    penalised = ar_distribution(row, [int(first)], config)
+    p = dict(zip(plain.ids.tolist(), plain.probs, strict=True))
+    q = dict(zip(penalised.ids.tolist(), penalised.probs, strict=True))
+    assert math.isclose(q[first] / q[second], p[first] / p[second] / 1.7, rel_tol=1e-12)
+    # Greedy: a big enough penalty moves the argmax off a repeated token.
+    greedy = config.replace(temperature=0, repetition_penalty=1e6)
+    assert sample_ar(row, [int(first)], greedy, rng) == second
+
+
+def test_repetition_penalty_on_the_grid_counts_each_generated_token():
+    rng = np.random.default_rng(4)
+    topks = [head_topk(row, 6, 1.0) for row in rng.normal(size=(3, 40)).astype(np.float32)]
+    generated = np.array([topks[0].ids[0], topks[2].ids[1]])
+    base = DynamicSampler().joint(topks, generated, None, PLAIN).copy()
+    penalised = DynamicSampler().joint(topks, generated, None, PLAIN.replace(repetition_penalty=2.0))
+    repeats = functools.reduce(np.add, np.ix_(*[np.isin(t.ids, generated).astype(int) for t in topks]))
+    np.testing.assert_allclose(penalised, base / 2.0**repeats, rtol=1e-15)
+    assert repeats.max() >= 2
+
+
+# --- verify mode -------------------------------------------------------------------------------
+
+
+def verify_three_tokens(model, drafter, context, config, rng, dists_override=None):
+    """Three tokens from one verify step (drafts of 2 heads), topped up with `ar` sampling."""
+    draft = draft_tokens(drafter(context)[1:], context, config, rng)
+    if dists_override is not None:
+        draft = Draft(draft.tokens, dists_override(context, draft.tokens))
+    prefixes = [context, [*context, draft.tokens[0]], [*context, *draft.tokens]]
+    head1 = np.stack([model(p)[0] for p in prefixes])
+    result = verify_drafts(head1, draft, context, config, rng)
+    tokens = list(result.tokens)
+    while len(tokens) < 3:
+        tokens.append(sample_ar(model(context + tokens)[0], context + tokens, config, rng))
+    return tuple(tokens[:3]), result.accepted
+
+
+def exact_ar_joint(model, context, config, vocab):
+    """P(x1, x2, x3) of sampling three tokens with `ar`, from the reference's distributions."""
+    probs = np.zeros((vocab,) * 3)
+    for a, pa in reference.ar_distribution(model(context)[0], context, config).items():
+        for b, pb in reference.ar_distribution(model([*context, a])[0], [*context, a], config).items():
+            third = reference.ar_distribution(model([*context, a, b])[0], [*context, a, b], config)
+            for c, pc in third.items():
+                probs[a, b, c] = pa * pb * pc
+    return probs
+
+
+def chi_square_p(counts: np.ndarray, probs: np.ndarray) -> float:
+    """Pearson's test, cells expected under 5 pooled into one."""
+    expected = probs.ravel() * counts.sum()
+    observed = counts.ravel()
+    small = expected < 5
+    assert observed[expected == 0].sum() == 0  # impossible sequences never appear
+    f_exp = np.append(expected[~small], expected[small].sum())
+    f_obs = np.append(observed[~small], observed[small].sum())
+    return stats.chisquare(f_obs, f_exp * f_obs.sum() / f_exp.sum()).pvalue
+
+
+# Each statistical test below fails a correct implementation with probability ALPHA for a
+# random seed; the seeds are fixed, so the suite is deterministic.
+ALPHA = 1e-3
+
+
+@pytest.mark.slow
+def test_verify_sampling_yields_exactly_ar_distribution():
+    vocab, trials = 5, 12_000
+    model, drafter = FakeModel(vocab, 1, seed=1, scale=1.0), FakeModel(vocab, 3, seed=2, scale=1.0)
+    config = SamplingConfig(mode="verify", top_k=4, temperature=0.9, repetition_penalty=1.5)
+    rng, context = np.random.default_rng(2024), [0, 1]
+    counts, accepted = np.zeros((vocab,) * 3), np.zeros(3, dtype=int)
+    for _ in range(trials):
+        tokens, n_accepted = verify_three_tokens(model, drafter, context, config, rng)
+        counts[tokens] += 1
+        accepted[n_accepted] += 1
+    assert accepted.min() > 0.02 * trials  # rejections, partial and full acceptance all happen
+    p_value = chi_square_p(counts, exact_ar_joint(model, context, config, vocab))
+    print(f"verify vs ar: chi-square p = {p_value:.3f}, accepted drafts histogram {accepted.tolist()}")
+    assert p_value > ALPHA
+
+
+def test_verify_statistical_test_detects_a_wrong_acceptance():
+    """Negative control: claiming q = p makes every draft pass; the test above must notice."""
+    vocab, trials = 5, 4000
+    model, drafter = FakeModel(vocab, 1, seed=1, scale=1.0), FakeModel(vocab, 3, seed=2, scale=1.0)
+    # top_k = vocab, so that every draft has positive probability under the claimed q.
+    config = SamplingConfig(mode="verify", top_k=5, temperature=0.9, repetition_penalty=1.5)
+    rng, context = np.random.default_rng(7), [0, 1]
+
+    def target_as_draft(ctx, tokens):
+        after = [*ctx, tokens[0]]
+        return (ar_distribution(model(ctx)[0], ctx, config), ar_distribution(model(after)[0], after, config))
+
+    counts = np.zeros((vocab,) * 3)
+    for _ in range(trials):
+        tokens, _ = verify_three_tokens(model, drafter, context, config, rng, target_as_draft)
+        counts[tokens] += 1
+    assert chi_square_p(counts, exact_ar_joint(model, context, config, vocab)) < 1e-6
+
+
+def test_greedy_verify_equals_greedy_ar():
+    vocab, n_heads = 12, 3
+    model = FakeModel(vocab, n_heads, seed=3, scale=0.5)
+    config = SamplingConfig(mode="verify", temperature=0, top_k=6, repetition_penalty=1.3)
+    rng = np.random.default_rng(0)
+    ar = [4]
+    while len(ar) < 65:
+        ar.append(sample_ar(model(ar)[0], ar, config, rng))
+
+    out = [4]
+    out.append(sample_ar(model(out)[0], out, config, rng))
+    accepted = 0
+    while len(out) < 65:
+        draft = draft_tokens(model(out[:-1])[1:], out, config, rng)  # heads 2..n, one position back
+        rows = np.stack([model(out + list(draft.tokens[:j]))[0] for j in range(n_heads)])
+        result = verify_drafts(rows, draft, out, config, rng)
+        accepted += result.accepted
+        out.extend(result.tokens)
+    assert out[:65] == ar
+    assert accepted > 0
+
+
+def test_verify_rejects_inconsistent_inputs():
+    config = SamplingConfig(mode="verify")
+    dist = TopK(np.array([1, 2]), np.array([0.5, 0.5]))
+    with pytest.raises(SamplingError, match="3 rows"):
+        verify_drafts(
+            np.zeros((2, 5), np.float32), Draft((1, 2), (dist, dist)), [0], config, np.random.default_rng()
+        )
+    with pytest.raises(SamplingError, match="probability 0"):
+        verify_drafts(
+            np.zeros((2, 5), np.float32), Draft((3,), (dist,)), [0], config, np.random.default_rng()
+        )
+
+
+# --- bad inputs --------------------------------------------------------------------------------
+
+
+def test_non_finite_logits_and_bad_shapes_are_errors():
+    sampler, rng = DynamicSampler(), np.random.default_rng()
+    bad = np.zeros((2, 10), dtype=np.float32)
+    bad[1, 3] = np.nan
+    with pytest.raises(SamplingError, match="NaN"):
+        sampler.step(bad, [], None, SamplingConfig(), rng)
+    with pytest.raises(SamplingError, match="n_heads, vocab"):
+        sampler.step(np.zeros(10, np.float32), [], None, SamplingConfig(), rng)
+    wrong = DenseMasks(np.ones((10, 10)))
+    wrong.weights = lambda ids: np.ones((2, 2))
+    with pytest.raises(SamplingError, match="candidate grid"):
+        sampler.step(np.zeros((2, 10), np.float32), [], wrong, SamplingConfig(top_k=3), rng)
+
+
+# --- config ------------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_papers():
+    c = SamplingConfig()
+    assert (c.mode, c.top_k, c.temperature, c.repetition_penalty, c.alpha_c) == ("dynamic", 50, 0.7, 1.1, 1.0)
+    assert (c.adaptive, c.blur, c.eps_b, c.static_threshold, c.stop) == (True, 3, 0.5, 0.0, ())
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"mode": "beam"}, "mode"),
+        ({"eps_b": 1.5}, "eps_b"),
+        ({"eps_b": float("nan")}, "eps_b"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_k": 101}, "top_k"),
+        ({"top_k": 5.0}, "top_k"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"repetition_penalty": 0.9}, "repetition_penalty"),
+        ({"alpha_c": -1}, "alpha_c"),
+        ({"adaptive": 1}, "adaptive"),
+        ({"blur": 2}, "blur"),
+        ({"blur": -3}, "blur"),
+        ({"static_threshold": 1.0}, "static_threshold"),
+        ({"stop": ["", 3]}, "stop"),
+        ({"stop": [-1]}, "stop"),
+        ({"stop": [True]}, "stop"),
+    ],
+)
+def test_invalid_options_are_rejected_by_name(changes, named):
+    with pytest.raises(SamplingConfigError, match=rf"\b{named}\b"):
+        SamplingConfig(**changes)
+    with pytest.raises(SamplingConfigError, match=rf"\b{named}\b"):
+        SamplingConfig().replace(**changes)
+
+
+def test_conflicts_and_unknown_options_are_named():
+    with pytest.raises(SamplingConfigError, match=r"blur=3 conflicts with adaptive=False"):
+        SamplingConfig(adaptive=False)
+    assert SamplingConfig(adaptive=False, blur=0).blur == 0
+    with pytest.raises(SamplingConfigError, match=r"top_k=0.*temperature=-1"):  # every problem at once
+        SamplingConfig(top_k=0, temperature=-1)
+    with pytest.raises(SamplingConfigError, match=r"unknown options \['topk'\]"):
+        SamplingConfig.from_manifest_defaults({"topk": 5})
+    with pytest.raises(SamplingConfigError, match="unknown options"):
+        SamplingConfig().replace(eps=0.1)
+
+
+def test_manifest_round_trip_and_normalised_values():
+    config = SamplingConfig(eps_b=0.25, stop=["\n\n", np.int64(0)], temperature=0)
+    again = SamplingConfig.from_manifest_defaults(config.to_dict())
+    assert again == config and again.stop == ("\n\n", 0) and type(again.stop[1]) is int
+    assert SamplingConfig(stop="END").stop == ("END",)
+    assert SamplingConfig.from_manifest_defaults({}) == SamplingConfig()
+    assert config.greedy and not SamplingConfig().greedy
