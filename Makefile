@@ -1,10 +1,10 @@
 # Every target uses the virtual environment at .venv (created on demand).
-PYTHON ?= python3.11
+PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint reference-model clean
+.PHONY: setup run test test-fast lint reference-data reference-model bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,13 +14,29 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The main job: export the shipped reference DynaMo-T3 and generate from it.
 run: $(STAMP)
 	$(BIN)/python -m scripts.run_main
 
+# The whole suite, slow integration tests included (CI runs exactly this).
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# Python docs corpus -> tokenizer -> token files in data/reference (git-ignored).
+reference-data: $(STAMP)
+	$(BIN)/python -m scripts.reference_data
+
+# Rebuild artifacts/reference-{base,t3} from scratch (about 1.5 h on 2 cores); resumes.
+reference-model: $(STAMP)
+	$(BIN)/python -m scripts.reference_model
+
+clean:
+	rm -rf out work .pytest_cache .ruff_cache

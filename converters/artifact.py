@@ -34,7 +34,7 @@ from converters.optimize import fuse, quantize_int8, save_onnx, to_fp16
 from converters.verify import ParityReport, verify_graph
 from dynamo_export.checkpoint import checkpoint_kind
 from dynamo_export.config import DynaMoConfig
-from dynamo_export.errors import ExportError
+from dynamo_export.errors import CheckpointError, ExportError
 from dynamo_export.modeling import DynaMoForCausalLM
 from runtime.config import SamplingConfig
 from runtime.cooccurrence import MATRIX_NAMES, META_NAME, load_cooccurrence
@@ -68,7 +68,7 @@ CACHE_DTYPE = {"fp32": "float32", "fp16": "float16", "int8": "float32"}
 @dataclass
 class ExportResult:
     out: Path
-    manifest: Manifest
+    manifest: Manifest | None  # None until the artifact is installed
     parity: ParityReport | None
     seconds: dict[str, float] = field(default_factory=dict)  # per step
     fused: dict[str, int] = field(default_factory=dict)
@@ -126,55 +126,56 @@ def export_artifact(
         ) from exc
 
     bar = tqdm(total=len(steps), desc="dynamo-export", unit="step", disable=not progress)
-    seconds: dict[str, float] = {}
-    step = functools.partial(_step, bar, seconds)
-    fused: dict[str, int] = {}
-    parity = None
+    result = ExportResult(out=plan.out, manifest=None, parity=None)
     try:
-        built, work = staging / "artifact", staging / "work"
-        built.mkdir(mode=0o755)
-        work.mkdir()
-        with step("load"):
-            if plan.cooccurrence is not None:
-                _copy_cooccurrence(plan.cooccurrence, built / COOCCURRENCE_DIR, plan.config.vocab_size)
-            model = _load_model(plan)
-        config = model.config
-        spec = io_spec(config)
-        with step("export"):
-            current = export_onnx(model, work / "export" / MODEL_FILE, spec, plan.opset)
-            check_shared_projection(current, model.embed_out.weight.detach().numpy())
-        if plan.optimize:
-            with step("fuse"):
-                fused = fuse(
-                    current, work / "fused" / MODEL_FILE, config.num_attention_heads, config.hidden_size
-                )
-                current = work / "fused" / MODEL_FILE
-        if plan.dtype != "fp32":
-            with step(plan.dtype):
-                convert = to_fp16 if plan.dtype == "fp16" else quantize_int8
-                convert(current, work / plan.dtype / MODEL_FILE)
-                current = work / plan.dtype / MODEL_FILE
-        spec = spec.with_dtypes(CACHE_DTYPE[plan.dtype], "float32")
-        with step("save"):
-            external = _save_final(current, built / MODEL_FILE, plan.external_data)
-            check_graph_io(onnx.load(str(built / MODEL_FILE), load_external_data=False), spec)
-        if plan.verify:
-            with step("verify"):
-                parity = verify_graph(model, built / MODEL_FILE, spec, plan.dtype)
-        with step("manifest"):
-            if (plan.model_path / TOKENIZER_FILE).is_file():
-                shutil.copyfile(plan.model_path / TOKENIZER_FILE, built / TOKENIZER_FILE)
-            fusions = fused if plan.optimize else None
-            manifest = _write_manifest(built, plan, config, spec, external, parity, fusions)
-        with step("install"):
-            _install(built, plan.out, staging / "previous")
-    except BaseException:
-        _remove_empty(created)
-        raise
+        _build(plan, staging, functools.partial(_step, bar, result.seconds), result)
     finally:
         bar.close()
         shutil.rmtree(staging, ignore_errors=True)
-    return ExportResult(out=plan.out, manifest=manifest, parity=parity, seconds=seconds, fused=fused)
+        if result.manifest is None:  # failed before or in the final rename
+            _remove_empty(created)
+    return result
+
+
+def _build(plan: _Plan, staging: Path, step, result: ExportResult) -> None:
+    """The export proper: every step writes under `staging` until the final rename to plan.out."""
+    built, work = staging / "artifact", staging / "work"
+    built.mkdir(mode=0o755)
+    work.mkdir()
+    with step("load"):
+        if plan.cooccurrence is not None:
+            _copy_cooccurrence(plan.cooccurrence, built / COOCCURRENCE_DIR, plan.config.vocab_size)
+        model = _load_model(plan)
+    config = model.config
+    spec = io_spec(config)
+    with step("export"):
+        current = export_onnx(model, work / "export" / MODEL_FILE, spec, plan.opset)
+        check_shared_projection(current, model.embed_out.weight.detach().numpy())
+    if plan.optimize:
+        with step("fuse"):
+            heads, hidden = config.num_attention_heads, config.hidden_size
+            result.fused = fuse(current, work / "fused" / MODEL_FILE, heads, hidden)
+            current = work / "fused" / MODEL_FILE
+    if plan.dtype != "fp32":
+        with step(plan.dtype):
+            convert = to_fp16 if plan.dtype == "fp16" else quantize_int8
+            convert(current, work / plan.dtype / MODEL_FILE)
+            current = work / plan.dtype / MODEL_FILE
+    spec = spec.with_dtypes(CACHE_DTYPE[plan.dtype], "float32")
+    with step("save"):
+        external = _save_final(current, built / MODEL_FILE, plan.external_data)
+        check_graph_io(onnx.load(str(built / MODEL_FILE), load_external_data=False), spec)
+    if plan.verify:
+        with step("verify"):
+            result.parity = verify_graph(model, built / MODEL_FILE, spec, plan.dtype)
+    with step("manifest"):
+        if (plan.model_path / TOKENIZER_FILE).is_file():
+            shutil.copyfile(plan.model_path / TOKENIZER_FILE, built / TOKENIZER_FILE)
+        fusions = result.fused if plan.optimize else None
+        manifest = _write_manifest(built, plan, config, spec, external, result.parity, fusions)
+    with step("install"):
+        _install(built, plan.out, staging / "previous")
+    result.manifest = manifest
 
 
 # -- planning: every check that can run before the work starts ---------------------------------------
@@ -195,7 +196,10 @@ def _plan(model_path, out, cooccurrence, dtype, opset, external_data, optimize, 
     model_path = Path(model_path)
     kind = checkpoint_kind(model_path)  # CheckpointError for a missing path or a foreign model type
     config_cls = DynaMoConfig if kind == "dynamo" else GPTNeoXConfig
-    config = config_cls.from_pretrained(model_path)
+    try:
+        config = config_cls.from_pretrained(model_path)
+    except (ValueError, TypeError, OSError) as exc:
+        raise CheckpointError(f"{model_path}/config.json is not a valid {kind} config: {exc}") from exc
     out = Path(out) if out is not None else default_out(model_path, dtype)
     _check_out(out, force)
     if cooccurrence is not None and not Path(cooccurrence).is_dir():
@@ -294,9 +298,10 @@ def _copy_cooccurrence(source: Path, target: Path, vocab_size: int) -> None:
 
 def _save_final(current: Path, target: Path, external_data: str) -> bool:
     """Write the final graph into the artifact; returns whether its weights went to model.onnx.data."""
-    weights = sum(p.stat().st_size for p in current.parent.iterdir() if p.name != current.name)
+    model = onnx.load(str(current))
+    weights = sum(tensor.ByteSize() for tensor in model.graph.initializer)
     external = external_data == "always" or weights > EXTERNAL_DATA_THRESHOLD
-    save_onnx(onnx.load(str(current)), target, external=external)
+    save_onnx(model, target, external=external)
     return external
 
 

@@ -16,9 +16,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a DynaMo (or plain GPT-NeoX) checkpoint to one ONNX graph with a KV cache that "
         "returns every head's logits, plus a manifest the runtime reads.",
     )
-    parser.add_argument("--model", required=True, help="checkpoint directory (DynaMo save_pretrained, or GPT-NeoX)")
+    parser.add_argument(
+        "--model", required=True, help="checkpoint directory (DynaMo save_pretrained, or GPT-NeoX)"
+    )
     parser.add_argument("--out", help="artifact directory (default: artifacts/<model>-<dtype>)")
-    parser.add_argument("--cooccurrence", help="co-occurrence directory from dynamo-cooccur to ship with the model")
+    parser.add_argument(
+        "--cooccurrence", help="co-occurrence directory from dynamo-cooccur to ship with the model"
+    )
     parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="fp16 is for CUDA, int8 for CPU")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     parser.add_argument(
@@ -31,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--optimize",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="apply onnxruntime's transformer fusions (off by default: no gain measured on CPU)",
+        help="apply onnxruntime's transformer fusions (off by default: no consistent gain measured on CPU)",
     )
     parser.add_argument(
         "--verify",

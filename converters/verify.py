@@ -8,10 +8,12 @@ and per present), collects every failure and raises one ParityError at the end.
 A greedy decode of 32 tokens (each pass emits every head's argmax, so steps feed
 n tokens at once) must then match token for token.
 
-The reference is always the float32 PyTorch model, so fp16/int8 figures measure
-the distance from the model, not from another export. fp32 must agree to 1e-4;
-fp16 and int8 cannot, and are held to per-head top-1 agreement instead, with
-their max diff reported.
+Values are compared at real tokens only (see `_Comparison.compare`). The
+reference is always the float32 PyTorch model, so fp16/int8 figures measure the
+distance from the model, not from another export. fp32 must agree to 1e-4;
+fp16 and int8 cannot, and are held to per-head top-1 agreement instead (0.95
+and 0.90 over the schedule's 31 real positions: one or three near-ties may flip),
+with their max diff and greedy agreement reported.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class Tolerance:
 
 TOLERANCES = {
     "fp32": Tolerance(max_abs_diff=1e-4, min_top1=None, greedy_must_match=True),
-    "fp16": Tolerance(max_abs_diff=None, min_top1=0.98, greedy_must_match=False),
+    "fp16": Tolerance(max_abs_diff=None, min_top1=0.95, greedy_must_match=False),
     "int8": Tolerance(max_abs_diff=None, min_top1=0.90, greedy_must_match=False),
 }
 
@@ -96,8 +98,16 @@ class _Comparison:
         report.present_max_abs_diff = dict.fromkeys(spec.present_names(), 0.0)
         self.agree, self.total = np.zeros(num_heads), 0
 
-    def compare(self, case: str, names: list[str], ort_out: list[np.ndarray], ref: dict, real: np.ndarray):
+    def compare(self, case: str, names: list[str], ort_out: list[np.ndarray], ref: dict, mask: np.ndarray):
+        """Values are compared at real tokens only: `mask` (B, past + seq) is the attention mask.
+
+        Padded positions compute garbage that nothing reads (their queries see no
+        keys, their keys are masked for everyone), and that garbage legitimately
+        differs between dtypes.
+        """
         self.report.cases.append(case)
+        keys = mask.astype(bool)  # (B, S)
+        queries = keys[:, -ort_out[0].shape[2] :]  # (B, T)
         got = dict(zip(names, ort_out, strict=True))  # names were checked against the contract already
         same_shape = []
         for name in names:
@@ -107,15 +117,16 @@ class _Comparison:
                 self.failures.append(f"{case}: {name} has shape {got[name].shape}, PyTorch {ref[name].shape}")
         for name in same_shape:
             if name == "logits":
-                self._logits(case, got[name].astype(np.float32), ref[name], real)
+                self._logits(case, got[name].astype(np.float32), ref[name], queries)
             else:
-                diff = float(np.abs(got[name].astype(np.float32) - ref[name]).max(initial=0.0))
+                error = np.abs(got[name].astype(np.float32) - ref[name]).transpose(0, 2, 1, 3)  # (B, S, H, D)
+                diff = float(error[keys].max(initial=0.0))
                 self.report.present_max_abs_diff[name] = max(self.report.present_max_abs_diff[name], diff)
                 self._bound(case, name, diff)
 
     def _logits(self, case: str, got: np.ndarray, ref: np.ndarray, real: np.ndarray) -> None:
         for head in range(got.shape[1]):  # (B, n, T, V)
-            diff = float(np.abs(got[:, head] - ref[:, head]).max())
+            diff = float(np.abs(got[:, head] - ref[:, head])[real].max(initial=0.0))
             self.report.logits_max_abs_diff[head] = max(self.report.logits_max_abs_diff[head], diff)
             self._bound(case, f"logits head {head + 1}", diff)
             same = got[:, head].argmax(-1) == ref[:, head].argmax(-1)  # (B, T)
@@ -138,7 +149,13 @@ class _Comparison:
 def verify_graph(model, onnx_path: Path, spec: IOSpec, dtype: str, seed: int = 0) -> ParityReport:
     """Run the schedule above on ONNX Runtime and on `model`; raise ParityError listing every failure."""
     provider = provider_for(dtype)
-    session = ort.InferenceSession(str(onnx_path), providers=[provider])
+    try:
+        session = ort.InferenceSession(str(onnx_path), providers=[provider])
+    except Exception as exc:  # onnxruntime raises its own pybind types (InvalidGraph, NotImplemented, Fail)
+        raise ParityError(
+            f"onnxruntime {ort.__version__} cannot load {onnx_path}: {exc}; "
+            "if a newer --opset was asked for, try the default"
+        ) from exc
     names = [o.name for o in session.get_outputs()]
     inputs = [i.name for i in session.get_inputs()]
     if inputs != spec.input_names or names != spec.output_names:
@@ -170,7 +187,7 @@ def verify_graph(model, onnx_path: Path, spec: IOSpec, dtype: str, seed: int = 0
             ref, torch_past = _torch_step(model, ids, mask, positions, torch_past, spec)
             past = mask.shape[1] - seq
             case = f"batch={batch} {'prefill' if past == 0 else 'step'} seq={seq} past={past}"
-            check.compare(case, names, ort_out, ref, real=step_mask.astype(bool))
+            check.compare(case, names, ort_out, ref, mask)
             ort_past = dict(zip(spec.past_names(), ort_out[1:], strict=True))
     check.finish()
 

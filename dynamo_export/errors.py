@@ -31,3 +31,7 @@ class ExportError(DynaMoError):
 
 class ParityError(ExportError):
     """The exported graph disagrees with the PyTorch model beyond the tolerance of its dtype."""
+
+
+class BenchError(DynaMoError):
+    """dynamo-bench was given options, prompts or models it cannot benchmark (the message says which)."""

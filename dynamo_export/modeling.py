@@ -16,6 +16,7 @@ state and maps one-to-one onto the ONNX graph's `past_key_values.{i}.*` inputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -113,7 +114,7 @@ class TokenHead(nn.Module):
 class DynaMoPreTrainedModel(PreTrainedModel):
     config_class = DynaMoConfig
     base_model_prefix = "dynamo"
-    _no_split_modules = ["GPTNeoXLayer"]
+    _no_split_modules: ClassVar[list[str]] = ["GPTNeoXLayer"]
     _supports_sdpa = True
 
     def _init_weights(self, module):

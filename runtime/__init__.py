@@ -28,4 +28,5 @@ __all__ = [
     "ManifestError",
     "ProviderError",
     "SamplingConfig",
+    "SamplingConfigError",
 ]

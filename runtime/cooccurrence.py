@@ -77,7 +77,9 @@ MAX_META_BYTES = 1 << 16
 _INT64_MAX = np.iinfo(np.int64).max
 _CSR_MEMBERS = frozenset({"data.npy", "indices.npy", "indptr.npy", "format.npy", "shape.npy"})
 _OPTIONAL_MEMBERS = frozenset({"_is_array.npy"})  # save_npz adds it for sparse arrays (not matrices)
-_READ_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError, KeyError)
+# NotImplementedError: zipfile meets a feature it lacks (a newer zip version, patched data, strong encryption).
+_READ_ERRORS = (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError, KeyError, NotImplementedError)
+_NPZ_COMPRESSION = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # what np.savez / scipy.sparse.save_npz write
 _REBUILD = "rebuild it with dynamo-cooccur"
 
 
@@ -302,7 +304,7 @@ def _read_meta(root: Path) -> CooccurrenceMeta:
         raise CooccurrenceFileError(f"{path} is larger than {MAX_META_BYTES} bytes; it is not a {META_NAME}")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError; RecursionError: deep nesting
         raise CooccurrenceFileError(f"{path} is not valid JSON ({exc}); {_REBUILD}") from exc
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
         raise CooccurrenceFileError(f"{path} is not a {FORMAT_NAME} header")
@@ -388,6 +390,11 @@ def _read_csr(path: Path, shape: tuple[int, int], nnz: int) -> CsrArrays:
 def _read_member(zf: zipfile.ZipFile, path: Path, name: str, dtype: np.dtype, shape: tuple) -> np.ndarray:
     """One .npy member, its header checked before any data is read; never unpickles."""
     info = zf.getinfo(name)
+    if info.flag_bits & 0x1 or info.compress_type not in _NPZ_COMPRESSION:
+        raise CooccurrenceFileError(
+            f"{path}:{name} is encrypted or uses zip compression method {info.compress_type}; "
+            f"save_npz writes only stored or deflated members ({_REBUILD})"
+        )
     with zf.open(info) as f:
         version = np.lib.format.read_magic(f)
         if version == (1, 0):

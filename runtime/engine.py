@@ -21,10 +21,12 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from runtime.bounds import call_memory, check_call_memory
 from runtime.config import SamplingConfig
 from runtime.cooccurrence import CooccurrenceMask
 from runtime.errors import ArtifactError, InputError
 from runtime.generation import Decoder, GenerationStats
+from runtime.graph_checks import check_graph
 from runtime.manifest import Manifest, read_manifest, verify_files
 from runtime.session import Deadline, GraphSession
 
@@ -44,12 +46,14 @@ class DynaMoRuntime:
         session: GraphSession,
         tokenizer: Tokenizer | None,
         masks: CooccurrenceMask | None,
+        max_memory_bytes: int | None = None,
     ):
         self.root = root
         self.manifest = manifest
         self.session = session
         self.tokenizer = tokenizer
         self.masks = masks
+        self.max_memory_bytes = max_memory_bytes  # per call; runtime/bounds.py says what counts
         self.default_config = SamplingConfig.from_manifest_defaults(manifest.sampling_defaults)
 
     @classmethod
@@ -59,7 +63,10 @@ class DynaMoRuntime:
         provider: str = "cpu",
         threads: int | None = None,
         check_hashes: bool = True,
+        max_memory_bytes: int | None = None,
     ) -> DynaMoRuntime:
+        if max_memory_bytes is not None and (not _is_int(max_memory_bytes) or max_memory_bytes < 1):
+            raise InputError(f"max_memory_bytes={max_memory_bytes!r} must be a positive integer or None")
         root = Path(artifact_dir).resolve()
         manifest = read_manifest(root)
         verify_files(root, manifest, check_hashes=check_hashes)
@@ -78,8 +85,9 @@ class DynaMoRuntime:
         masks = None
         if manifest.cooccurrence is not None:
             masks = CooccurrenceMask.load(root / manifest.cooccurrence, expected_vocab_size=vocab)
+        check_graph(root, manifest)  # before ONNX Runtime reads a byte of it
         session = GraphSession(str(root / manifest.graph.file), manifest, provider=provider, threads=threads)
-        return cls(root, manifest, session, tokenizer, masks)
+        return cls(root, manifest, session, tokenizer, masks, max_memory_bytes)
 
     @property
     def provider(self) -> str:
@@ -132,6 +140,9 @@ class DynaMoRuntime:
         prompt_ids = self._prompt_ids(prompt)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+        if self.max_memory_bytes is not None:
+            memory = call_memory(self.manifest, len(prompt_ids), max_new_tokens, config.mode)
+            check_call_memory(memory, self.max_memory_bytes)
         stop_ids, stop_strings = self._stops(config)
         deadline = Deadline(time_limit_s)
         decoder = Decoder(self.session, self.masks, config, seed, max_new_tokens, stop_ids, deadline)

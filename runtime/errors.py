@@ -17,6 +17,10 @@ class ArtifactFileError(ArtifactError):
     """A file of the artifact is missing, extra, a link, truncated, or fails its hash."""
 
 
+class GraphError(ArtifactError):
+    """model.onnx is malformed, reads data from outside the artifact, or uses what the exporter never emits."""
+
+
 class CooccurrenceFileError(DynaMoRuntimeError):
     """A co-occurrence directory is missing, corrupt, or does not match the model; or cannot be written."""
 

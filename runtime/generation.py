@@ -103,6 +103,9 @@ class Decoder:
         self.context_length = session.manifest.model.context_length
         self.n_heads = session.manifest.model.num_token_heads
         self.generated: list[int] = []
+        # The same ids as an int64 array for the sampler's repetition penalty (no per-pass list -> array copy).
+        # At most context + n tokens can be generated, whatever max_new_tokens asks for.
+        self._history = np.empty(min(max_new_tokens, self.context_length) + self.n_heads, dtype=np.int64)
         self.next_position = 0  # position of the next fed token (rejected drafts do not count)
         self.to_feed: list[int] = []  # accepted tokens not yet through the graph
         self.draft: Draft | None = None  # verify: drafts for the tokens after to_feed
@@ -161,18 +164,22 @@ class Decoder:
         self.stats.forward_passes += 1
         return logits
 
+    @property
+    def history(self) -> np.ndarray:
+        return self._history[: len(self.generated)]
+
     def _first_choice(self, last: np.ndarray) -> list[int]:
         """The prefill pass's tokens; in verify mode it also drafts the ones after them."""
         if self.config.mode != "verify":
             return self._choose(last)
-        token = sample_ar(last[0], self.generated, self.config, self.rng)
+        token = sample_ar(last[0], self.history, self.config, self.rng)
         self.draft = self._draft(last, [*self.generated, token])
         return [token]
 
     def _choose(self, last: np.ndarray) -> list[int]:
         if self.config.mode == "ar" or self.n_heads == 1:
-            return [sample_ar(last[0], self.generated, self.config, self.rng)]
-        result = self.sampler.step(last, self.generated, self.masks, self.config, self.rng)
+            return [sample_ar(last[0], self.history, self.config, self.rng)]
+        result = self.sampler.step(last, self.history, self.masks, self.config, self.rng)
         self.stats.backoffs += result.backoffs
         return list(result.tokens)
 
@@ -183,11 +190,11 @@ class Decoder:
         """Check the drafts fed after the last accepted token; mask the slots of rejected ones."""
         draft = self.draft
         if draft is None or not draft.tokens:
-            token = sample_ar(logits[0, -1], self.generated, self.config, self.rng)
+            token = sample_ar(logits[0, -1], self.history, self.config, self.rng)
             self.draft = self._draft(logits[:, -1], [*self.generated, token])
             return [token]
         first = len(feed) - len(draft.tokens) - 1  # row of head 1 that predicts the first draft
-        verdict = verify_drafts(logits[0, first:], draft, self.generated, self.config, self.rng)
+        verdict = verify_drafts(logits[0, first:], draft, self.history, self.config, self.rng)
         self.stats.drafted += len(draft.tokens)
         self.stats.accepted += verdict.accepted
         rejected = len(draft.tokens) - verdict.accepted
@@ -209,6 +216,7 @@ class Decoder:
             if len(self.generated) + len(kept) >= self.max_new_tokens:
                 self.stats.stop_reason = "max_new_tokens"
                 break
+        self._history[len(self.generated) : len(self.generated) + len(kept)] = kept
         self.generated.extend(kept)
         self.stats.new_tokens = len(self.generated)
         # verify feeds the newest token followed by its drafts; ar/dynamic feed all accepted tokens.

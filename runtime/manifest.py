@@ -24,6 +24,10 @@ MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "dynamo-export-artifact"
 SCHEMA_VERSION = 1
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_SIZE = 2**31 - 1  # any model size or axis; keeps products of a few of them inside int64
+WEIGHT_DTYPES = ("fp32", "fp16", "int8")
+FLOAT_DTYPES = ("float32", "float16")
+TENSOR_DTYPES = ("int64", "float32", "float16")
 
 PAST_KEY = "past_key_values.{i}.key"
 PAST_VALUE = "past_key_values.{i}.value"
@@ -128,7 +132,7 @@ def _coerce(hint, value, where: str):
     if origin is dict:
         if not isinstance(value, dict):
             raise ManifestError(f"{where} must be an object")
-        key_type, value_type = args
+        _, value_type = args
         return {str(k): _coerce(value_type, v, f"{where}[{k!r}]") for k, v in value.items()}
     if type(None) in args:  # Optional[X]
         if value is None:
@@ -155,7 +159,7 @@ def _coerce(hint, value, where: str):
 def parse_manifest(text: str) -> Manifest:
     try:
         raw = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # also integers past Python's digit limit, deep nesting
         raise ManifestError(f"{MANIFEST_NAME} is not valid JSON: {exc}") from exc
     manifest = _parse(Manifest, raw, MANIFEST_NAME)
     if manifest.format != FORMAT_NAME:
@@ -176,9 +180,22 @@ def _check_consistency(m: Manifest) -> None:
             f"model: num_cache_layers {model.num_cache_layers} != num_hidden_layers {model.num_hidden_layers} "
             f"+ num_token_heads {model.num_token_heads} - 1"
         )
-    for name in (model.vocab_size, model.context_length, model.num_attention_heads, model.head_dim):
-        if name < 1:
-            raise ManifestError("model: sizes must be positive integers")
+    sizes = (
+        model.vocab_size,
+        model.context_length,
+        model.num_attention_heads,
+        model.head_dim,
+        model.hidden_size,
+        model.num_hidden_layers,
+        model.num_cache_layers,
+    )
+    if min(sizes) < 1 or max(sizes) > MAX_SIZE:
+        raise ManifestError(f"model: sizes must be integers in [1, {MAX_SIZE}]")
+    for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        token = getattr(model, name)
+        if token is not None and not 0 <= token < model.vocab_size:
+            raise ManifestError(f"model.{name}={token} lies outside the vocabulary [0, {model.vocab_size})")
+    _check_dtypes(m.graph)
     paths = [m.graph.file] + [p for p in (m.graph.external_data, m.tokenizer) if p]
     for path in paths:
         check_relative_path(path)
@@ -190,6 +207,30 @@ def _check_consistency(m: Manifest) -> None:
         check_relative_path(path)
         if entry.size < 0 or len(entry.sha256) != 64 or any(c not in "0123456789abcdef" for c in entry.sha256):
             raise ManifestError(f"files[{path!r}]: size must be >= 0 and sha256 64 lowercase hex digits")
+
+
+def _check_dtypes(graph: GraphInfo) -> None:
+    for where, value, allowed in (
+        ("graph.dtype", graph.dtype, WEIGHT_DTYPES),
+        ("graph.cache_dtype", graph.cache_dtype, FLOAT_DTYPES),
+        ("graph.logits_dtype", graph.logits_dtype, FLOAT_DTYPES),
+    ):
+        if value not in allowed:
+            raise ManifestError(f"{where}={value!r} is not one of {list(allowed)}")
+    for kind, specs in (("inputs", graph.inputs), ("outputs", graph.outputs)):
+        for name, spec in specs.items():
+            if spec.dtype not in TENSOR_DTYPES:
+                raise ManifestError(
+                    f"graph.{kind}[{name!r}].dtype={spec.dtype!r} is not one of {list(TENSOR_DTYPES)}"
+                )
+            if not all(_is_axis(axis) for axis in spec.axes):
+                raise ManifestError(
+                    f"graph.{kind}[{name!r}].axes={spec.axes!r}: each axis is a name or a size >= 0"
+                )
+
+
+def _is_axis(axis: Any) -> bool:
+    return (isinstance(axis, str) and axis != "") or (type(axis) is int and 0 <= axis <= MAX_SIZE)
 
 
 def check_relative_path(path: str) -> PurePosixPath:
@@ -236,7 +277,11 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
         raise ArtifactFileError(f"{path} is a symbolic link; artifacts may not contain links")
     if path.stat().st_size > MAX_MANIFEST_BYTES:
         raise ManifestError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes; refusing to parse it")
-    return parse_manifest(path.read_text(encoding="utf-8"))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path} is not UTF-8 text: {exc}") from exc
+    return parse_manifest(text)
 
 
 def verify_files(root: str | os.PathLike, manifest: Manifest, check_hashes: bool = True) -> None:

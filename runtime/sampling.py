@@ -61,9 +61,9 @@ tokens distributed exactly as `ar` sampling from head 1.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from math import comb
 from typing import Protocol
 
 import numpy as np
@@ -73,11 +73,12 @@ from runtime.config import SamplingConfig
 from runtime.errors import SamplingError
 
 OTSU_BINS = 256
-# Head i's top-k is searched among the tokens at least as large as the k-th
-# largest maximum of blocks of this many logits: exact (k blocks reach that value,
-# so the k-th largest logit does too) and about 8x cheaper than argpartition over
-# a 50k vocabulary.
-_TOPK_BLOCK = 128
+# Head i's top-k is searched among the tokens at least as large as the k-th largest
+# of the maxima of _TOPK_GROUPS groups of logits: exact (k groups reach that value, so
+# the k-th largest logit does too). Group g holds the logits g, g + G, g + 2G, ...: their
+# maxima are one elementwise max over rows of a (vocab / G, G) view, which numpy
+# vectorises; about 30x cheaper than argpartition over a 50k vocabulary.
+_TOPK_GROUPS = 512
 
 
 class CooccurrenceWeights(Protocol):
@@ -107,17 +108,29 @@ class StepResult:
 
 def head_topk(logits_row: np.ndarray, top_k: int, temperature: float) -> TopK:
     """Head's top-k tokens (descending logit, ties by id) with their softmax(logits / T) probabilities."""
-    row = np.asarray(logits_row)
-    top = row.max()
-    if not np.isfinite(top):
-        raise SamplingError(f"logits contain NaN or +inf (max is {top}); the model output is unusable")
-    ids = _topk_ids(row, min(top_k, row.shape[0]))
-    # (V,) float64: float32 would move probabilities by 1e-7, enough to shift Otsu bins and eps_b decisions.
-    scaled = np.subtract(row, top, dtype=np.float64)
+    return heads_topk(np.asarray(logits_row)[None], top_k, temperature)[0]
+
+
+def heads_topk(logits: np.ndarray, top_k: int, temperature: float) -> list[TopK]:
+    """`head_topk` of every row of (heads, vocab) `logits`, with one softmax over them all."""
+    tops = logits.max(axis=1)
+    if not np.all(np.isfinite(tops)):
+        bad = tops[~np.isfinite(tops)][0]
+        raise SamplingError(f"logits contain NaN or +inf (max is {bad}); the model output is unusable")
+    # (heads, V) float64: float32 would move probabilities by 1e-7, enough to shift Otsu bins and
+    # eps_b decisions. Row sums round as 1-D sums do (numpy reduces each contiguous row alike).
+    scaled = logits.astype(np.float64)  # exact; then the very subtraction of float64 values
+    scaled -= tops[:, None]
     if temperature != 1:
         scaled /= temperature
     np.exp(scaled, out=scaled)
-    return TopK(ids, scaled[ids] / scaled.sum())
+    totals = scaled.sum(axis=1)
+    k = min(top_k, logits.shape[1])
+    tops_k = []
+    for row, weights, total in zip(logits, scaled, totals, strict=True):
+        ids = _topk_ids(row, k)
+        tops_k.append(TopK(ids, weights[ids] / total))
+    return tops_k
 
 
 def _topk_ids(row: np.ndarray, k: int) -> np.ndarray:
@@ -125,10 +138,10 @@ def _topk_ids(row: np.ndarray, k: int) -> np.ndarray:
     if k == vocab:
         candidates = np.arange(vocab)
     else:
-        blocks = vocab // _TOPK_BLOCK
-        if blocks >= k:
-            block_max = row[: blocks * _TOPK_BLOCK].reshape(blocks, _TOPK_BLOCK).max(axis=1)
-            floor = np.partition(block_max, blocks - k)[blocks - k]
+        per_group = vocab // _TOPK_GROUPS
+        if per_group >= 2 and k <= _TOPK_GROUPS:
+            group_max = row[: per_group * _TOPK_GROUPS].reshape(per_group, _TOPK_GROUPS).max(axis=0)
+            floor = np.partition(group_max, _TOPK_GROUPS - k)[_TOPK_GROUPS - k]
             candidates = np.flatnonzero(row >= floor)
         else:
             candidates = np.arange(vocab)
@@ -136,7 +149,7 @@ def _topk_ids(row: np.ndarray, k: int) -> np.ndarray:
         chosen = np.argpartition(values, values.size - k)[values.size - k :]
         kth = values[chosen].min()
         # argpartition picks arbitrarily among logits equal to the k-th: make it the smallest ids.
-        if np.count_nonzero(values[chosen] == kth) < np.count_nonzero(values == kth):
+        if np.count_nonzero(values >= kth) > k:  # an unchosen logit equals the k-th
             above = chosen[values[chosen] > kth]
             equal = np.flatnonzero(values == kth)[: k - above.size]
             chosen = np.concatenate([above, equal])
@@ -146,11 +159,50 @@ def _topk_ids(row: np.ndarray, k: int) -> np.ndarray:
 
 def binomial_kernel(size: int) -> np.ndarray:
     """The discrete Gaussian of odd width `size`: a row of Pascal's triangle over 2 ** (size - 1)."""
-    return np.array([comb(size - 1, j) for j in range(size)], dtype=np.float64) / 2.0 ** (size - 1)
+    return np.array([math.comb(size - 1, j) for j in range(size)], dtype=np.float64) / 2.0 ** (size - 1)
+
+
+@dataclass
+class _Joint:
+    """J over a grid of `shape`, in one of two forms.
+
+    Dense (`cells` is None): `values` is the whole grid. Sparse (after Otsu, which
+    usually keeps a few dozen of 125k cells): `cells` are the flat C-order indices of
+    the cells Otsu kept, ascending, `values` J there, and every other cell is 0.
+    """
+
+    shape: tuple[int, ...]
+    values: np.ndarray
+    cells: np.ndarray | None = None
+
+    def peak(self) -> float:
+        return float(self.values.max())
+
+    def draw(self, greedy: bool, rng: np.random.Generator) -> int:
+        """Flat index of the drawn cell (see `_draw`): the same cell in either form, up to rounding."""
+        if self.cells is None:
+            return _draw(self.values, greedy, rng)
+        return int(self.cells[_draw_sequential(self.values, greedy, rng)])
+
+    def dense(self) -> np.ndarray:
+        if self.cells is None:
+            return self.values
+        grid = np.zeros(self.shape)
+        grid.reshape(-1)[self.cells] = self.values
+        return grid
 
 
 class DynamicSampler:
-    """Algorithm 1 for one generation stream, with scratch grids kept between steps (not thread-safe)."""
+    """Algorithm 1 for one generation stream, with scratch grids kept between steps (not thread-safe).
+
+    Every cell and decision is the one the plain vectorised definition gives, to the
+    last bit; the speed comes from skipping work that cannot change them. The static
+    threshold, Otsu and the repetition penalty only lower cells, so when J's largest
+    entry before them is at most eps_b ** (n - 1) the step backs off right there, as
+    the reference does, drawing no random number either way. Without weights that
+    entry is the product of the heads' top probabilities, known before any grid is
+    built; with weights it is known once the grid is weighted, before the blur.
+    """
 
     def __init__(self) -> None:
         self._scratch: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
@@ -163,18 +215,21 @@ class DynamicSampler:
         config: SamplingConfig,
         rng: np.random.Generator,
     ) -> StepResult:
-        """Tokens to emit from one forward pass; `logits` is (n_heads, vocab) at the last position."""
+        """Tokens to emit from one forward pass; `logits` is (n_heads, vocab) at the last position.
+
+        `generated` is cheapest as an int64 array (a list is converted every step).
+        """
         logits = _check_logits(logits)
         n_heads = logits.shape[0]
         token_set = _token_set(generated)
         temperature = config.temperature or 1.0
         # eps_b = 1 can never emit more than one token: skip building the grids.
         used = n_heads if config.eps_b < 1 else 1
-        topks = [head_topk(logits[i], config.top_k, temperature) for i in range(used)]
+        topks = heads_topk(logits[:used], config.top_k, temperature)
         for n in range(used, 1, -1):
-            grid = self._joint(topks[:n], token_set, masks, config)
-            if min(grid.max(), 1.0) > config.eps_b ** (n - 1):
-                cell = np.unravel_index(_draw(grid, config.greedy, rng), grid.shape)
+            joint = self._joint_above(topks[:n], token_set, masks, config, config.eps_b ** (n - 1))
+            if joint is not None:
+                cell = np.unravel_index(joint.draw(config.greedy, rng), joint.shape)
                 return StepResult(
                     tuple(int(t.ids[i]) for t, i in zip(topks[:n], cell, strict=True)), n_heads - n
                 )
@@ -189,59 +244,86 @@ class DynamicSampler:
     ) -> np.ndarray:
         """J over the grid of `topks` after weighting, both thresholds and the penalty.
 
-        The array is a scratch buffer of this sampler, valid until its next call.
+        The array may be a scratch buffer of this sampler, valid until its next call.
         """
-        return self._joint(topks, _token_set(generated), masks, config)
+        joint = self._joint_above(topks, _token_set(generated), masks, config, -math.inf)
+        assert joint is not None  # every J exceeds -inf
+        return joint.dense()
 
-    def _joint(
+    def _joint_above(
         self,
         topks: Sequence[TopK],
         token_set: np.ndarray,
         masks: CooccurrenceWeights | None,
         config: SamplingConfig,
-    ) -> np.ndarray:
-        grid = self._buffer("joint", tuple(t.ids.size for t in topks))
+        bound: float,
+    ) -> _Joint | None:
+        """J if min(max J, 1) > bound, else None -- decided as early as the work allows."""
+        shape = tuple(t.ids.size for t in topks)
+        weighted = masks is not None and config.alpha_c > 0 and len(topks) in masks.orders
+        # Without weights the largest cell is the first (probabilities descend along
+        # every axis), and this is its value to the last bit.
+        if min(math.prod(float(t.probs[0]) for t in topks), 1.0) <= bound:
+            return None
+
+        grid = self._buffer("joint", shape)
         _outer(grid, [t.probs for t in topks])  # (k_1, ..., k_n)
-        if masks is not None and config.alpha_c > 0 and len(topks) in masks.orders:
+        if weighted:
             weights = masks.weights([t.ids for t in topks])
             _check_weights(weights, grid.shape)
             if config.alpha_c != 1:  # in float64: masks may store float32
                 weights = np.power(weights, config.alpha_c, dtype=np.float64)
-            mass = np.prod([t.probs.sum() for t in topks])
             grid *= weights
+            mass = math.prod(float(t.probs.sum()) for t in topks)
             total = grid.sum()
+            peak = 0.0  # sum R = 0: every cell is masked and J = 0
             if total > 0:
-                grid *= mass / total
+                scale = mass / total
+                peak = grid.max() * scale  # the largest of grid * scale: rounding is monotone
+                grid *= scale
+            if min(peak, 1.0) <= bound:
+                return None
         if config.static_threshold > 0:
             grid[grid < config.static_threshold] = 0.0
-        if config.adaptive:
-            grid[self._otsu_low(grid, config.blur)] = 0.0
+        joint = self._otsu(grid, config.blur) if config.adaptive else _Joint(shape, grid)
         if config.repetition_penalty != 1 and token_set.size:
-            for axis, t in enumerate(topks):
-                seen = _seen(t.ids, token_set)
-                if seen.any():
-                    divisor = np.where(seen, config.repetition_penalty, 1.0)
-                    grid /= divisor.reshape((-1,) + (1,) * (grid.ndim - axis - 1))
-        return grid
+            _penalise(joint, topks, token_set, config.repetition_penalty)
+        return joint if min(joint.peak(), 1.0) > bound else None
 
-    def _otsu_low(self, grid: np.ndarray, blur: int) -> np.ndarray:
-        """Boolean mask of the cells Otsu's threshold on the (blurred) grid puts in the low class."""
-        blurred = grid
-        if blur > 1:
-            kernel = binomial_kernel(blur)
-            for axis in range(grid.ndim):
-                out = self._buffer(f"blur{axis % 2}", grid.shape)  # ping-pong: scipy cannot filter in place
-                correlate1d(blurred, kernel, axis=axis, output=out, mode="mirror")
-                blurred = out
+    def _otsu(self, grid: np.ndarray, blur: int) -> _Joint:
+        """J with the cells that Otsu's threshold on the (blurred) grid puts in the low class zeroed."""
+        blurred = self._blurred(grid, blur).reshape(-1)
         lo, hi = blurred.min(), blurred.max()
-        if not hi > lo:
-            return np.zeros(grid.shape, dtype=bool)
-        scaled = self._buffer("bins_f", grid.shape)
-        np.subtract(blurred, lo, out=scaled)
-        scaled *= OTSU_BINS / (hi - lo)
-        bins = scaled.astype(np.intp)  # floor: values are >= 0
+        if not hi > lo:  # a constant grid keeps everything
+            return _Joint(grid.shape, grid)
+        scale = OTSU_BINS / (hi - lo)
+        # Only cells at least half a bin above the minimum can leave bin 0 (usually a few
+        # hundred): bin those exactly as all cells would be, and count the rest in bin 0.
+        candidates = np.flatnonzero(blurred >= lo + 0.5 / scale)
+        bins = ((blurred[candidates] - lo) * scale).astype(np.intp)  # floor: values are >= 0
         np.minimum(bins, OTSU_BINS - 1, out=bins)
-        return bins <= otsu_split(np.bincount(bins.ravel(), minlength=OTSU_BINS))
+        counts = np.bincount(bins, minlength=OTSU_BINS)
+        counts[0] += blurred.size - candidates.size
+        kept = candidates[bins > otsu_split(counts)]
+        return _Joint(grid.shape, grid.reshape(-1)[kept], kept)
+
+    def _blurred(self, grid: np.ndarray, blur: int) -> np.ndarray:
+        """The grid blurred along every axis, up to a factor 2 ** ndim for blur = 3.
+
+        Otsu's bins are affine in the values, so a power-of-2 factor, which rounds
+        exactly, moves no cell between them.
+        """
+        if blur <= 1:
+            return grid
+        blurred = grid
+        for axis in range(grid.ndim):
+            out = self._buffer(f"blur{axis % 2}", grid.shape)  # ping-pong: neither filter works in place
+            if blur == 3:  # the default: about 3x faster than correlate1d
+                _blur3_twice(blurred, out, axis)
+            else:
+                correlate1d(blurred, binomial_kernel(blur), axis=axis, output=out, mode="mirror")
+            blurred = out
+        return blurred
 
     def _buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         # Keyed by shape too: a step that backs off from n = 3 to 2 needs both grids every time.
@@ -249,6 +331,45 @@ class DynamicSampler:
         if key not in self._scratch:
             self._scratch[key] = np.empty(shape, dtype=np.float64)
         return self._scratch[key]
+
+
+def _blur3_twice(src: np.ndarray, out: np.ndarray, axis: int) -> None:
+    """out = 2 * (src blurred by [1, 2, 1] / 4 along `axis`, borders mirrored), bit for bit.
+
+    correlate1d computes c / 2 + (l + r) / 4 per cell; c + (l + r) / 2 rounds to
+    exactly twice that. Both arrays are C-contiguous, so l + r is one add over the
+    flat arrays, shifted by the axis' stride; it wraps wrongly only on the two faces
+    of the axis, where mirroring makes l = r.
+    """
+    n = src.shape[axis]
+    if n == 1:  # both neighbours mirror onto the cell: c + (c + c) / 2
+        np.add(src, src, out=out)
+        return
+    stride = math.prod(src.shape[axis + 1 :])
+    flat_src, flat_out = src.reshape(-1), out.reshape(-1)
+    np.add(flat_src[: -2 * stride], flat_src[2 * stride :], out=flat_out[stride:-stride])
+    lead = (slice(None),) * axis
+    second, first = src[(*lead, slice(1, 2))], out[(*lead, slice(0, 1))]
+    np.add(second, second, out=first)
+    before_last, last = src[(*lead, slice(n - 2, n - 1))], out[(*lead, slice(n - 1, n))]
+    np.add(before_last, before_last, out=last)
+    out *= 0.5
+    out += src
+
+
+def _penalise(joint: _Joint, topks: Sequence[TopK], token_set: np.ndarray, penalty: float) -> None:
+    """Divide J by the penalty once per axis on which a cell's candidate was already generated."""
+    index = None
+    for axis, t in enumerate(topks):
+        seen = _seen(t.ids, token_set)
+        if not seen.any():
+            continue
+        if joint.cells is None:
+            joint.values[(slice(None),) * axis + (np.flatnonzero(seen),)] /= penalty
+        else:
+            if index is None:
+                index = np.unravel_index(joint.cells, joint.shape)
+            joint.values[seen[index[axis]]] /= penalty
 
 
 def otsu_split(counts: np.ndarray) -> int:
@@ -293,8 +414,8 @@ def _penalised(top: TopK, token_set: np.ndarray, config: SamplingConfig) -> np.n
 
 
 def _token_set(generated: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Sorted distinct ids: membership by binary search, far cheaper than np.isin on a few candidates."""
-    return np.unique(np.asarray(generated, dtype=np.int64))
+    """Generated ids, sorted (repeats kept): membership by binary search, far cheaper than np.isin."""
+    return np.sort(np.asarray(generated, dtype=np.int64))
 
 
 def _seen(ids: np.ndarray, token_set: np.ndarray) -> np.ndarray:
@@ -323,6 +444,14 @@ def _draw(weights: np.ndarray, greedy: bool, rng: np.random.Generator) -> int:
     return r * width + _first_above(np.cumsum(rows[r]), row_target)
 
 
+def _draw_sequential(weights: np.ndarray, greedy: bool, rng: np.random.Generator) -> int:
+    """`_draw` over a 1-D array with one running sum: the reference's draw, rounding included."""
+    if greedy:
+        return int(np.argmax(weights))
+    cdf = np.cumsum(weights)
+    return _first_above(cdf, rng.random() * cdf[-1])
+
+
 def _first_above(cdf: np.ndarray, target: float) -> int:
     """First index with cdf > target; the last step of positive mass if rounding leaves none."""
     i = int(np.searchsorted(cdf, target, side="right"))
@@ -339,7 +468,8 @@ def _outer(out: np.ndarray, vectors: Sequence[np.ndarray]) -> None:
     if len(vectors) == 1:
         out[...] = partial
     else:
-        np.multiply(partial[..., None], vectors[-1], out=out)
+        # einsum's outer product: the same single roundings as broadcasting, 1.4x faster.
+        np.einsum("i,j->ij", partial.reshape(-1), vectors[-1], out=out.reshape(-1, out.shape[-1]))
 
 
 def _check_logits(logits: np.ndarray) -> np.ndarray:

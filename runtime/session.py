@@ -14,13 +14,14 @@ the softmax, so the result is that of a trimmed cache.
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
 
-from runtime.errors import ArtifactError, GenerationTimeout, ProviderError
+from runtime.errors import ArtifactError, GenerationTimeout, InputError, ProviderError
 from runtime.manifest import Manifest
 
 PROVIDERS = ("cpu", "cuda", "auto")
@@ -209,8 +210,9 @@ class Deadline:
         self.run_options = ort.RunOptions()
         self._timer = None
         if seconds is not None:
-            if seconds <= 0:
-                raise ValueError(f"time_limit_s={seconds!r} must be > 0")
+            number = isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+            if not number or not 0 < seconds < math.inf:
+                raise InputError(f"time_limit_s={seconds!r} must be a finite number of seconds > 0, or None")
             self._timer = threading.Timer(seconds, self._expire)
             self._timer.daemon = True
             self._timer.start()

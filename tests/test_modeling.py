@@ -173,7 +173,7 @@ def test_clear_errors_for_bad_paths_and_mismatched_checkpoints(saved_base, tmp_p
     with pytest.raises(CheckpointError, match="does not exist"):
         DynaMoForCausalLM.from_gpt_neox(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
         DynaMoForCausalLM.from_pretrained(tmp_path / "empty")
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import functools
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from scipy import stats
+from scipy.ndimage import correlate1d
 
 from runtime import reference
 from runtime.config import SamplingConfig
@@ -152,6 +154,136 @@ def test_topk_matches_reference_including_ties(vocab, top_k, kind, seed):
     expected = reference.candidates(row, top_k, 0.7)
     assert top.ids.tolist() == [t for t, _ in expected]  # ties go to the smallest ids
     np.testing.assert_allclose(top.probs, [p for _, p in expected], rtol=1e-12)
+
+
+# --- full-size grids against the whole-grid definition --------------------------------------
+# The reference is too slow for the paper's 50**3 grids, where the sampler's shortcuts (early
+# back-off, the [1, 2, 1] blur by slices, Otsu binning only the cells that can leave bin 0, a
+# sparse tail) matter most. These tests hold it to the same definition written as plain
+# whole-grid numpy and scipy, bit for bit.
+
+
+def whole_grid_joint(topks, generated, masks, config):
+    """J of Algorithm 1 computed on every cell: scipy's blur, all cells binned, exact Otsu split."""
+    grid = outer([t.probs for t in topks])
+    if masks is not None and config.alpha_c > 0 and len(topks) in masks.orders:
+        weights = masks.weights([t.ids for t in topks])
+        if config.alpha_c != 1:
+            weights = np.power(weights, config.alpha_c, dtype=np.float64)
+        mass = np.prod([t.probs.sum() for t in topks])
+        grid = grid * weights
+        total = grid.sum()
+        if total > 0:
+            grid *= mass / total
+    grid[grid < config.static_threshold] = 0.0
+    if config.adaptive:
+        blurred = grid
+        if config.blur > 1:
+            kernel = np.array([math.comb(config.blur - 1, j) for j in range(config.blur)]) / 2.0 ** (
+                config.blur - 1
+            )
+            for axis in range(grid.ndim):
+                blurred = correlate1d(blurred, kernel, axis=axis, mode="mirror")
+        lo, hi = blurred.min(), blurred.max()
+        if hi > lo:
+            bins = np.minimum(((blurred - lo) * (256 / (hi - lo))).astype(np.int64), 255)
+            grid[bins <= exact_otsu_split(np.bincount(bins.ravel(), minlength=256))] = 0.0
+    for axis, t in enumerate(topks):  # once per axis whose candidate was generated
+        repeated = np.isin(t.ids, np.asarray(generated))
+        if config.repetition_penalty != 1 and repeated.any():
+            grid /= np.where(repeated, config.repetition_penalty, 1.0).reshape(
+                (-1,) + (1,) * (grid.ndim - axis - 1)
+            )
+    return grid
+
+
+def exact_otsu_split(counts):
+    """First split maximising n0 * n1 * (mu0 - mu1)^2, in exact rationals over the occupied bins."""
+    best, best_score = None, None
+    occupied = [b for b in range(len(counts)) if counts[b]]
+    for split in occupied[:-1]:  # a split inside a gap ties with the gap's first one
+        low = [(b, int(counts[b])) for b in occupied if b <= split]
+        high = [(b, int(counts[b])) for b in occupied if b > split]
+        n0, n1 = sum(n for _, n in low), sum(n for _, n in high)
+        mean0 = Fraction(sum(b * n for b, n in low), n0)
+        mean1 = Fraction(sum(b * n for b, n in high), n1)
+        score = n0 * n1 * (mean0 - mean1) ** 2
+        if best_score is None or score > best_score:
+            best, best_score = split, score
+    return best
+
+
+FULL_SIZE = [
+    SamplingConfig(),  # the paper's defaults
+    SamplingConfig(blur=0),
+    SamplingConfig(blur=5, repetition_penalty=3.0),
+    SamplingConfig(alpha_c=0.5, static_threshold=1e-6),
+    SamplingConfig(adaptive=False, blur=0, alpha_c=2.0),
+    SamplingConfig(alpha_c=0.0, temperature=1.3),
+]
+
+
+@pytest.mark.parametrize("config", FULL_SIZE, ids=lambda c: f"blur{c.blur}-alpha{c.alpha_c}-ad{c.adaptive}")
+@pytest.mark.parametrize("scale", [0.5, 3.0, 12.0])  # flat to peaked marginals
+def test_full_size_joint_equals_the_whole_grid_definition(config, scale):
+    rng = np.random.default_rng(int(scale * 10) + config.blur)
+    vocab = 64
+    masks = random_masks(rng, vocab, 0.3)
+    logits = (rng.normal(size=(3, vocab)) * scale).astype(np.float32)
+    generated = rng.integers(0, vocab, size=40)
+    sampler = DynamicSampler()
+    for top_k in (50, 7):
+        topks = [head_topk(row, top_k, config.temperature or 1.0) for row in logits]
+        for n in (3, 2):
+            expected = whole_grid_joint(topks[:n], generated, masks, config)
+            np.testing.assert_array_equal(sampler.joint(topks[:n], generated, masks, config), expected)
+            np.testing.assert_array_equal(
+                sampler.joint(topks[:n], generated, None, config),
+                whole_grid_joint(topks[:n], generated, None, config),
+            )
+
+
+@pytest.mark.parametrize("eps_b", [0.0, 0.05, 0.3, 0.6, 0.95])
+def test_full_size_greedy_steps_follow_the_whole_grid_definition(eps_b):
+    """Greedy decisions, including every early back-off, match J computed on every cell."""
+    rng = np.random.default_rng(int(eps_b * 100))
+    vocab = 64
+    config = SamplingConfig(eps_b=eps_b, temperature=0)
+    sampler = DynamicSampler()
+    emitted = set()
+    for step in range(12):
+        masks = random_masks(rng, vocab, 0.3) if step % 2 else None
+        logits = (rng.normal(size=(3, vocab)) * rng.choice([0.5, 3.0, 12.0])).astype(np.float32)
+        generated = rng.integers(0, vocab, size=20)
+        topks = [head_topk(row, config.top_k, 1.0) for row in logits]
+        for n in (3, 2):
+            grid = whole_grid_joint(topks[:n], generated, masks, config)
+            if min(grid.max(), 1.0) > eps_b ** (n - 1):
+                cell = np.unravel_index(np.argmax(grid), grid.shape)
+                expected = tuple(int(t.ids[i]) for t, i in zip(topks[:n], cell, strict=True))
+                break
+        else:
+            expected = (sample_ar(logits[0], generated, config, np.random.default_rng()),)
+        state = rng.bit_generator.state
+        result = sampler.step(logits, generated, masks, config, rng)
+        assert result.tokens == expected
+        assert rng.bit_generator.state == state  # greedy draws nothing
+        emitted.add(len(result.tokens))
+    if 0 < eps_b < 0.9:
+        assert len(emitted) > 1, "the cases should both emit and back off"
+
+
+def test_weights_can_lift_a_cell_above_the_unweighted_bound():
+    """The early back-off must not use the product of marginals once weights move the mass."""
+    vocab = 40
+    logits = np.zeros((2, vocab), dtype=np.float32)  # flat heads: every product cell is 1 / vocab**2
+    pair = np.zeros((vocab, vocab))
+    pair[3, 5] = 1.0  # one seen pair takes the grid's whole mass
+    config = SamplingConfig(top_k=vocab, eps_b=0.5, adaptive=False, blur=0, repetition_penalty=1.0)
+    result = DynamicSampler().step(logits, [], DenseMasks(pair), config, np.random.default_rng(0))
+    assert result.tokens == (3, 5) and result.backoffs == 0
+    plain = DynamicSampler().step(logits, [], None, config, np.random.default_rng(0))
+    assert plain.backoffs == 1
 
 
 # --- the joint ---------------------------------------------------------------------------------

@@ -1,0 +1,218 @@
+"""run_benchmark: one artifact in every requested mode, side by side with its baselines, timed and judged.
+
+The steps (each in its own module):
+1. prompts (prompts.py): the paper's ten, in-domain ones cut from held-out text, or a file;
+2. runners: the artifact in `ar` (always: every speed-up divides by it), `dynamic` at each eps_b and
+   `verify`; with a base checkpoint, Optimum's ORTModelForCausalLM and PyTorch (baselines.py);
+3. timing (latency.py): warm-up, then interleaved rounds over prompts x seeds;
+4. quality (quality.py): the judge scores the first round's generations;
+5. derived figures: speed-ups, the same-quality speed-up, PPL_d; plus the environment record (env.py).
+The result is one JSON-ready dictionary; report.py turns it into markdown and a plot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from dynamo_export.bench import baselines, latency, prompts, quality
+from dynamo_export.bench.env import environment_record
+from dynamo_export.errors import BenchError
+from runtime import DynaMoRuntime
+
+SCHEMA = "dynamo-bench/1"
+MODES = ("ar", "dynamic", "verify")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    artifact: str
+    provider: str = "cpu"
+    threads: int | None = None
+    prompts_file: str | None = None
+    in_domain: str | None = None  # held-out corpus directory: in-domain prompts and PPL_d
+    num_in_domain: int = 10
+    in_domain_tokens: int = 8
+    max_new_tokens: int = 64
+    eps_b: tuple[float, ...] = (0.25, 0.5, 0.75)
+    modes: tuple[str, ...] = MODES
+    repeats: int = 3
+    warmup: int = 1
+    seeds: tuple[int, ...] = (0, 1, 2)
+    baseline: str | None = None  # the base model's checkpoint directory
+    judge: str | None = None  # artifact or checkpoint; default: the baseline, else the artifact's head 1
+    tolerance: float = 0.05
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise BenchError naming every bad option at once."""
+        problems = []
+        if unknown := sorted(set(self.modes) - set(MODES)):
+            problems.append(f"--modes {unknown} unknown; choose from {list(MODES)}")
+        if "dynamic" in self.modes and not self.eps_b:
+            problems.append("--modes dynamic needs at least one --eps-b value")
+        if bad := [e for e in self.eps_b if not 0 <= e <= 1]:
+            problems.append(f"--eps-b values {bad} must lie in [0, 1]")
+        if self.max_new_tokens < 1 or self.repeats < 1 or self.warmup < 0:
+            problems.append("--max-new-tokens and --repeats must be >= 1 and --warmup >= 0")
+        if not self.seeds:
+            problems.append("--seeds needs at least one seed")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"--threads {self.threads} must be >= 1")
+        if self.prompts_file and self.in_domain:
+            problems.append(
+                "--prompts replaces the built-in prompt sets: drop --in-domain, or drop --prompts"
+            )
+        if problems:
+            raise BenchError("invalid dynamo-bench options: " + "; ".join(problems))
+
+
+def _prompt_set(options: BenchOptions, tokenizer) -> list[prompts.Prompt]:
+    if tokenizer is None:
+        raise BenchError(
+            f"{options.artifact} has no tokenizer.json: dynamo-bench needs one to encode prompts"
+        )
+    if options.prompts_file:
+        return prompts.file_prompts(options.prompts_file, tokenizer)
+    chosen = prompts.paper_prompts(tokenizer)
+    if options.in_domain:
+        chosen += prompts.in_domain_prompts(
+            options.in_domain,
+            tokenizer,
+            options.num_in_domain,
+            options.in_domain_tokens,
+            options.max_new_tokens,
+        )
+    return chosen
+
+
+def _runtime_runners(options: BenchOptions, rt: DynaMoRuntime) -> tuple[dict, dict]:
+    heads = rt.manifest.model.num_token_heads
+    if heads == 1 and set(options.modes) - {"ar"}:
+        raise BenchError(
+            f"{options.artifact} has one token head: only --modes ar applies (export a DynaMo model)"
+        )
+    base = rt.default_config
+    configs = {"ar": base.replace(mode="ar")}
+    if "dynamic" in options.modes:
+        configs.update({f"dynamic eps_b={e:g}": base.replace(mode="dynamic", eps_b=e) for e in options.eps_b})
+    if "verify" in options.modes:
+        configs["verify"] = base.replace(mode="verify")
+    meta = {
+        k: {
+            "kind": "runtime",
+            "mode": c.mode,
+            "eps_b": c.eps_b if c.mode == "dynamic" else None,
+            "sampling": c.to_dict(),
+        }
+        for k, c in configs.items()
+    }
+    return {k: latency.RuntimeRunner(rt, c) for k, c in configs.items()}, meta
+
+
+def _check_lengths(chosen: Sequence[prompts.Prompt], max_new_tokens: int, context: int) -> None:
+    longest = max(len(p.ids) for p in chosen)
+    if longest + max_new_tokens > context:
+        raise BenchError(
+            f"the longest prompt ({longest} tokens) + --max-new-tokens {max_new_tokens} exceeds the model's "
+            f"context of {context}: shorten the prompts or lower --max-new-tokens"
+        )
+
+
+def run_benchmark(options: BenchOptions) -> dict:
+    options.validate()
+    if options.threads is not None and (options.baseline or options.judge):
+        import torch
+
+        torch.set_num_threads(options.threads)
+    rt = DynaMoRuntime.load(options.artifact, provider=options.provider, threads=options.threads)
+    chosen = _prompt_set(options, rt.tokenizer)
+    _check_lengths(chosen, options.max_new_tokens, rt.manifest.model.context_length)
+    runners, meta = _runtime_runners(options, rt)
+    base_model = None
+    if options.baseline:
+        base_model = baselines.load_torch_base(options.baseline)
+        defaults = rt.default_config
+        runners["optimum"] = baselines.optimum_runner(base_model, defaults, options.threads, options.provider)
+        runners["pytorch"] = baselines.pytorch_runner(base_model, defaults)
+        meta["optimum"] = {"kind": "optimum", "mode": "ar", "eps_b": None, "sampling": defaults.to_dict()}
+        meta["pytorch"] = {"kind": "pytorch", "mode": "ar", "eps_b": None, "sampling": defaults.to_dict()}
+
+    measured = latency.measure(
+        runners,
+        chosen,
+        options.seeds,
+        options.max_new_tokens,
+        options.repeats,
+        options.warmup,
+        options.progress,
+    )
+    if options.judge:
+        judge = quality.make_judge(options.judge, options.provider, options.threads)
+    elif base_model is not None:
+        judge = quality.TorchJudge(options.baseline, model=base_model)
+    else:  # no base model given: the artifact's own head 1 (the base model up to T3's fine-tuning)
+        judge = quality.OrtJudge(options.artifact, options.provider, options.threads)
+    score = quality.Scorer(judge)
+
+    runs = {}
+    for label, calls in measured.calls.items():
+        runs[label] = {
+            **meta[label],
+            "latency": latency.summarize(
+                calls, measured.peak_rss_bytes[label], measured.rss_growth_bytes[label]
+            ),
+            "quality": quality.quality_of(calls, chosen, score),
+            "calls": _call_records(calls, rt.tokenizer),
+        }
+    lat = {k: r["latency"] for k, r in runs.items()}
+    speedups = latency.speedups(lat, [r for r in ("ar", "optimum", "pytorch") if r in runs])
+    sweep = [k for k, r in runs.items() if r["kind"] == "runtime"]
+    tokens_per_pass = {k: r["latency"]["tokens_per_pass"] for k, r in runs.items()}
+    qualities = {k: r["quality"] for k, r in runs.items()}
+    in_domain = [p for p in chosen if p.set_name == "in-domain"]
+    return {
+        "schema": SCHEMA,
+        "environment": environment_record(options.artifact, rt.provider, options.threads),
+        "settings": {
+            "max_new_tokens": options.max_new_tokens,
+            "repeats": options.repeats,
+            "warmup": options.warmup,
+            "seeds": list(options.seeds),
+            "eps_b": list(options.eps_b),
+            "modes": list(options.modes),
+            "baseline": options.baseline,
+            "judge": judge.name,
+            "tolerance": options.tolerance,
+            "prompt_counts": {
+                s: sum(p.set_name == s for p in chosen) for s in dict.fromkeys(p.set_name for p in chosen)
+            },
+            "prompts": [{"set": p.set_name, "text": p.text, "ids": list(p.ids)} for p in chosen],
+        },
+        "runners": runs,
+        "speedups": speedups,
+        "same_quality": quality.same_quality(qualities, speedups, tokens_per_pass, sweep, options.tolerance),
+        "ppl_d": quality.ppl_d(
+            qualities, sweep, quality.reference_ppl(in_domain, score) if in_domain else None
+        ),
+    }
+
+
+def _call_records(calls: Sequence[latency.Call], tokenizer) -> list[dict]:
+    """Per (prompt, seed): the first round's tokens, text and stats, and every round's timings."""
+    records: dict[tuple[int, int], dict] = {}
+    for c in sorted(calls, key=lambda c: c.repeat):
+        key = (c.prompt_index, c.seed)
+        if key not in records:
+            records[key] = {
+                "prompt": c.prompt_index,
+                "seed": c.seed,
+                "token_ids": list(c.sample.token_ids),
+                "text": tokenizer.decode(list(c.sample.token_ids)) if tokenizer is not None else None,
+                "stats": c.sample.stats,
+                "wall_s": [],
+                "prefill_s": [],
+            }
+        records[key]["wall_s"].append(c.sample.wall_s)
+        records[key]["prefill_s"].append(c.sample.prefill_s)
+    return list(records.values())

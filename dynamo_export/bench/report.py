@@ -1,0 +1,350 @@
+"""The benchmark's outputs: JSON for machines, markdown tables for issues, and the speed-up/quality plot.
+
+Everything here only formats what `dynamo_export.bench.benchmark` measured and
+derived; no figure is computed from anything but the result dictionary.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from dynamo_export.evaluation import write_json_atomic
+
+__all__ = [
+    "bench_markdown",
+    "plot_speedup_vs_quality",
+    "scale_markdown",
+    "write_json_atomic",
+    "write_text_atomic",
+]
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _f(value, digits: int = 2, suffix: str = "") -> str:
+    return "–" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _shares(latency: dict) -> str:
+    shares = latency.get("emission_share")
+    if not shares:
+        return "–"
+    return " / ".join(f"{100 * shares.get(str(k), 0.0):.0f}" for k in (1, 2, 3))
+
+
+def latency_table(result: dict) -> str:
+    header = [
+        "runner",
+        "prefill ms",
+        "decode ms/pass",
+        "decode ms/token",
+        "tokens/s best",
+        "tokens/s median",
+        "tokens/pass",
+        "1/2/3-token passes %",
+        "back-offs/pass",
+        "accepted drafts",
+        "ORT / sampling % of decode",
+        "peak RSS MB (+growth)",
+    ]
+    rows = []
+    for label, run in result["runners"].items():
+        lat = run["latency"]
+        split = (
+            f"{_f(100 * lat['ort_share']['median'], 0)} / {_f(100 * lat['sampling_share']['median'], 0)}"
+            if lat["ort_share"]["median"] is not None
+            else "–"
+        )
+        rows.append(
+            [
+                label,
+                _f(lat["prefill_ms"]["median"]),
+                _f(lat["decode_ms_per_pass"]["median"]),
+                _f(lat["decode_ms_per_token"]["median"]),
+                _f(lat["tokens_per_s"]["best"], 1),
+                _f(lat["tokens_per_s"]["median"], 1),
+                _f(lat["tokens_per_pass"]),
+                _shares(lat),
+                _f(lat.get("backoffs_per_pass")),
+                _f(None if lat.get("acceptance_rate") is None else 100 * lat["acceptance_rate"], 0, "%"),
+                split,
+                f"{_f(lat['peak_rss_mb'], 0)} (+{_f(lat['rss_growth_mb'], 1)})",
+            ]
+        )
+    return _table(header, rows)
+
+
+def speedup_table(result: dict) -> str:
+    refs = [r for r in ("ar", "optimum", "pytorch") if r in result["runners"]]
+    header = ["runner", *[f"wall-clock vs {r}" for r in refs], "tokens/pass"]
+    rows = []
+    for label, run in result["runners"].items():
+        sp = result["speedups"][label]
+        rows.append(
+            [label, *[_f(sp[f"vs_{r}"], 2, "×") for r in refs], _f(run["latency"]["tokens_per_pass"])]
+        )
+    return _table(header, rows)
+
+
+def quality_table(result: dict) -> str:
+    sets = [
+        s
+        for s in ("paper", "in-domain", "file")
+        if any(s in r["quality"]["by_set"] for r in result["runners"].values())
+    ]
+    header = [
+        "runner",
+        *[f"judged PPL {s}" for s in sets],
+        "judged PPL all",
+        "per-seed min–max",
+        "distinct-2",
+        "distinct-3",
+        "seq-rep-4",
+    ]
+    rows = []
+    for label, run in result["runners"].items():
+        q = run["quality"]
+        seeds = [v for v in q["judged_ppl_per_seed"].values() if v is not None]
+        spread = f"{min(seeds):.2f}–{max(seeds):.2f}" if seeds else "–"
+        every = q["by_set"]["all"]
+        rows.append(
+            [
+                label,
+                *[_f(q["by_set"].get(s, {}).get("judged_ppl")) for s in sets],
+                _f(every["judged_ppl"]),
+                spread,
+                _f(every["distinct_2"], 3),
+                _f(every["distinct_3"], 3),
+                _f(every["seq_rep_4"], 3),
+            ]
+        )
+    return _table(header, rows)
+
+
+def same_quality_section(sq: dict) -> str:
+    tol = 100 * sq["tolerance"]
+    lines = [
+        f"ar's judged PPL {_f(sq['ar_judged_ppl'])}; its seed-to-seed spread (max−min)/PPL "
+        f"{_f(None if sq['ar_seed_spread'] is None else 100 * sq['ar_seed_spread'], 1, '%')}.",
+        "",
+    ]
+    for key, what in (("wall_clock", "wall-clock speed-up vs ar"), ("tokens_per_pass", "tokens per pass")):
+        best = sq[key]
+        lines.append(
+            f"- **Same-quality {what}** (judged PPL within {tol:.0f}% of ar's): "
+            + (
+                "none of the sweep qualifies"
+                if best is None
+                else f"**{best['value']:.2f}** ({best['runner']})"
+            )
+        )
+    rows = []
+    for label, c in sq["candidates"].items():
+        rows.append(
+            [
+                label,
+                _f(c["judged_ppl"]),
+                _f(c["ppl_ratio_vs_ar"], 3),
+                "yes" if c["within_tolerance"] else "no",
+                str(c["seeds_within_tolerance"]),
+                _f(c["wall_speedup_vs_ar"], 2, "×"),
+                _f(c["tokens_per_pass"]),
+            ]
+        )
+    header = [
+        "runner",
+        "judged PPL",
+        "÷ ar",
+        f"within {tol:.0f}%",
+        "seeds within",
+        "wall-clock vs ar",
+        "tokens/pass",
+    ]
+    return "\n".join(lines) + "\n\n" + _table(header, rows)
+
+
+def ppl_d_section(result: dict) -> str:
+    pd = result["ppl_d"]
+    rows = [
+        [label, _f(value), _f(result["runners"][label]["latency"]["tokens_per_pass"])]
+        for label, value in pd["ppl_d"].items()
+    ]
+    anchor = f"Judge's PPL of the held-out paragraphs' true continuations: {_f(pd['heldout_reference_ppl'])}."
+    return anchor + "\n\n" + _table(["runner", "PPL_d", "tokens/pass"], rows)
+
+
+DEFINITIONS = """\
+- Judged PPL: exp of the mean negative log-likelihood the judge (the base model, temperature 1) gives the
+  continuation tokens, prompt + continuation in one pass; pooled over prompts and seeds, token-weighted.
+- Same-quality speed-up: the largest median wall-clock speed-up vs ar (and separately, the largest tokens per
+  pass) among ar, dynamic at each eps_b and verify whose judged PPL over all prompts and seeds is within the
+  tolerance of ar's; "seeds within" counts the seeds on which that holds seed by seed.
+- PPL_d: the judged PPL of what a runner emits when continuing held-out prefixes (the in-domain prompts).
+- distinct-n: unique / all n-grams pooled over a runner's generations; seq-rep-4: share of a generation's
+  4-grams that repeat an earlier one, averaged over generations.
+- Timings: wall-clock of whole generate() calls; best = min time / max rate over rounds. Runtime prefill =
+  first pass + its sampling; Optimum/PyTorch prefill = generate() start to the first streamed token.
+- Peak RSS is the whole benchmark process (all runners share it); +growth is the rise during a runner's round.
+"""
+
+
+def bench_markdown(result: dict) -> str:
+    env, s = result["environment"], result["settings"]
+    counts = ", ".join(f"{n} {k}" for k, n in s["prompt_counts"].items())
+    parts = [
+        f"# dynamo-bench: {env['artifact']}",
+        "",
+        f"{env['cpu_model']}, {env['logical_cpus']} logical CPUs, {env['threads']} thread(s), provider "
+        f"{env['provider']}; onnxruntime {env['versions']['onnxruntime']}, numpy {env['versions']['numpy']}, "
+        f"torch {env['versions']['torch']}; manifest sha256 {str(env['manifest_sha256'])[:12]}, commit "
+        f"{env['git_commit']}.",
+        f"Prompts: {counts}; seeds {s['seeds']}; {s['max_new_tokens']} new tokens; {s['repeats']} timed rounds "
+        f"after {s['warmup']} warm-up call(s) per runner; judge: {s['judge']}.",
+        "",
+        "## Latency (median over rounds unless marked best)",
+        "",
+        latency_table(result),
+        "",
+        "## Wall-clock speed-ups (median tokens/s ratios, same prompts, seeds and lengths, same run)",
+        "",
+        speedup_table(result),
+        "",
+        "## Quality (judged perplexity = the base model's likelihood of the continuations)",
+        "",
+        quality_table(result),
+        "",
+        "## Same-quality speed-up",
+        "",
+        same_quality_section(result["same_quality"]),
+        "",
+    ]
+    if result.get("ppl_d") and result["ppl_d"]["ppl_d"]:
+        parts += ["## PPL_d over held-out prefixes", "", ppl_d_section(result), ""]
+    parts += ["## Definitions", "", DEFINITIONS]
+    return "\n".join(parts)
+
+
+def scale_markdown(scale: dict) -> str:
+    header = [
+        "size",
+        "variant",
+        "params (M)",
+        "export s",
+        "artifact MB",
+        "step ms @1",
+        "step ms @3",
+        "bound ms",
+        "× bound @1",
+        "× bound @3",
+    ]
+    rows = []
+    for name, entry in scale["rows"].items():
+        if entry["status"] != "ok":
+            rows.append(
+                [
+                    name,
+                    "base, t3",
+                    "–",
+                    "does not fit",
+                    f"needs ~{entry['needed_gb']:.1f} GB, {entry['available_gb']:.1f} GB available",
+                    "–",
+                    "–",
+                    "–",
+                    "–",
+                    "–",
+                ]
+            )
+            continue
+        for variant in ("base", "t3"):
+            r = entry[variant]
+            rows.append(
+                [
+                    name,
+                    variant,
+                    _f(r["params"] / 1e6, 1),
+                    _f(r["export_s"], 1),
+                    _f(r["artifact_mb"], 0),
+                    _f(r["step"]["1"]["min_ms"]),
+                    _f(r["step"]["3"]["min_ms"]),
+                    _f(r["bound_ms"]),
+                    _f(r["ratio_to_bound"]["1"]),
+                    _f(r["ratio_to_bound"]["3"]),
+                ]
+            )
+    head = (
+        f"Memory bandwidth (numpy copy, read + write, one thread): {scale['bandwidth_gb_s']:.1f} GB/s; "
+        f"{scale['past_tokens']} past tokens; ORT threads {scale['threads']}; step times are the minimum over "
+        "repeats; bound = weight bytes read per step (all but the input embedding) / bandwidth."
+    )
+    return "# dynamo-bench --scale\n\n" + head + "\n\n" + _table(header, rows) + "\n"
+
+
+def plot_speedup_vs_quality(result: dict, path: str | os.PathLike) -> Path:
+    """Wall-clock speed-up and tokens/pass vs judged PPL over eps_b, with ar and the baselines marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runners = result["runners"]
+    ppl = {k: r["quality"]["by_set"]["all"]["judged_ppl"] for k, r in runners.items()}
+    speed = {k: result["speedups"][k]["vs_ar"] for k in runners}
+    tpp = {k: r["latency"]["tokens_per_pass"] for k, r in runners.items()}
+    dynamic = sorted(
+        (k for k, r in runners.items() if r["mode"] == "dynamic"), key=lambda k: runners[k]["eps_b"]
+    )
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, y, ylabel in (
+        (axes[0], speed, "wall-clock speed-up vs ar"),
+        (axes[1], tpp, "tokens per forward pass"),
+    ):
+        ar = ppl.get("ar")
+        if ar:
+            tol = result["same_quality"]["tolerance"]
+            ax.axvspan(ar * (1 - tol), ar * (1 + tol), color="0.9", label=f"ar ±{100 * tol:.0f}% PPL")
+        ax.plot([ppl[k] for k in dynamic], [y[k] for k in dynamic], "o-", color="C0", label="dynamic (eps_b)")
+        for k in dynamic:
+            ax.annotate(f"{runners[k]['eps_b']:g}", (ppl[k], y[k]), textcoords="offset points", xytext=(4, 4))
+        for label, style in (("verify", "s"), ("ar", "*"), ("optimum", "^"), ("pytorch", "v")):
+            if label in runners and ppl[label] is not None and y[label] is not None:
+                ax.plot([ppl[label]], [y[label]], style, markersize=10 if style == "*" else 8, label=label)
+        ax.axhline(1.0, color="0.5", linewidth=0.8, linestyle="--")
+        ax.set_xlabel("judged perplexity (base model), lower = more likely")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"DynaMo speed vs quality — {Path(result['environment']['artifact']).name}")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path

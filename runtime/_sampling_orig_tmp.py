@@ -1,0 +1,461 @@
+"""The fast DynaMo sampler: Algorithm 1 of shared/DYNAMO.md, vectorised over the top-k grid.
+
+A decoding step gets every head's logits at the last position and returns the
+1..n tokens to emit. `runtime/reference.py` implements the same definition with
+plain loops, and the tests hold the two equal. The definition, with every
+choice the paper leaves open made explicit:
+
+Marginals. f_i = softmax(logits_i / T) over the whole vocabulary; T = 1 when the
+temperature is 0 (greedy takes the argmax of the very quantities sampling would
+draw from, as transformers does). Head i keeps its top-k tokens ranked by
+descending logit, ties by ascending token id; axis i of the grid lists them in
+that order (the blur needs a fixed order, and this one keeps likely candidates
+together). k is capped at the vocabulary size.
+
+Joint over heads 1..n, for a cell c = (c_1, ..., c_n) of the grid:
+    R(c) = f_1(c_1) * ... * f_n(c_n) * W(c) ** alpha_c
+    J(c) = R(c) * M / sum_grid R,      M = prod_i sum_topk f_i  (= sum_grid f_1 * ... * f_n)
+W is the co-occurrence weight of the n-gram (pairs for n = 2, triples for n = 3).
+Scaling to M is how the weights "redistribute mass inside the candidate grid
+and do not create it": J carries exactly the probability the plain product of
+marginals gives the grid, so eps_b means the same with and without masks.
+Without masks, with alpha_c = 0, or when the masks hold no statistics of order
+n, J is the product itself. If every cell is masked (sum R = 0), J = 0.
+
+Static threshold: cells with J < static_threshold become 0.
+
+Adaptive threshold (Otsu). B = J blurred along every axis with the binomial
+kernel of size `blur` ([1, 2, 1] / 4 for 3, OpenCV's 3-tap Gaussian), borders
+reflected without repeating the edge cell (scipy "mirror", OpenCV's default);
+B = J when blur is 0 or 1. B's values fall in 256 equal bins over [min B, max B]
+(skimage's default); the split is the bin boundary that maximises the
+between-class variance, computed on integer bin indices with integer counts
+(the variance is invariant under the affine map from index to bin centre, so
+this is Otsu on bin centres, and equal scores tie exactly); the first best
+split wins. Cells whose B lands in the lower class get J = 0; a constant B
+keeps everything. skimage is not a dependency, and the histogram form is a
+handful of vectorised lines.
+
+Repetition penalty: J(c) is divided by penalty ** m(c), m(c) = how many of the
+c_i are in `generated` -- the paper's "divide the probabilities of already
+generated tokens", applied to each marginal of the product.
+
+Decision: emit n tokens iff max J > eps_b ** (n - 1), max J clipped at 1
+against rounding; otherwise back off to n - 1. The strict ">" (the paper: back
+off if every entry < eps_b^(n-1); they differ only at equality) makes both ends
+exact: eps_b = 0 emits n whenever J has mass (an all-zero J cannot be sampled,
+so it backs off), and eps_b = 1 never emits more than one token.
+
+Drawing: every random draw is one u = rng.random(), turned into a cell by
+inverse CDF over the grid in C order: the first cell whose running sum exceeds
+u * (sum of J). Greedy takes the first maximal cell and draws nothing. At n = 1
+head 1 alone is used: its top-k f_1, divided by the penalty for generated
+tokens -- the code path of `sample_ar`, so eps_b = 1 reproduces `ar` draw for
+draw with the same Generator.
+
+Verify mode (beyond the paper) gets speculative-sampling helpers at the end:
+heads 2..n draft, head 1 accepts a draft x with probability min(1, p(x)/q(x))
+and on rejection draws from norm(max(0, p - q)), which makes the emitted
+tokens distributed exactly as `ar` sampling from head 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from math import comb
+from typing import Protocol
+
+import numpy as np
+from scipy.ndimage import correlate1d
+
+from runtime.config import SamplingConfig
+from runtime.errors import SamplingError
+
+OTSU_BINS = 256
+# Head i's top-k is searched among the tokens at least as large as the k-th
+# largest maximum of blocks of this many logits: exact (k blocks reach that value,
+# so the k-th largest logit does too) and about 8x cheaper than argpartition over
+# a 50k vocabulary.
+_TOPK_BLOCK = 128
+
+
+class CooccurrenceWeights(Protocol):
+    """What the sampler needs from the co-occurrence masks (runtime.cooccurrence.CooccurrenceMask)."""
+
+    orders: tuple[int, ...]  # n-gram lengths it holds weights for, e.g. (2, 3)
+
+    def weights(self, ids: Sequence[np.ndarray]) -> np.ndarray:
+        """W over the grid of candidate ids, shape (len(ids[0]), ..., len(ids[-1])), >= 0:
+        W = p(n-gram) / prod p(unigram), 0 for an unseen n-gram; len(ids) is one of `orders`.
+        """
+
+
+@dataclass(frozen=True)
+class TopK:
+    """A head's candidates in grid order and their probabilities (not renormalised unless stated)."""
+
+    ids: np.ndarray  # (k,) int64
+    probs: np.ndarray  # (k,) float64
+
+
+@dataclass(frozen=True)
+class StepResult:
+    tokens: tuple[int, ...]  # 1..n tokens to emit, in order
+    backoffs: int  # times n was lowered before emitting (n_heads - len(tokens))
+
+
+def head_topk(logits_row: np.ndarray, top_k: int, temperature: float) -> TopK:
+    """Head's top-k tokens (descending logit, ties by id) with their softmax(logits / T) probabilities."""
+    row = np.asarray(logits_row)
+    top = row.max()
+    if not np.isfinite(top):
+        raise SamplingError(f"logits contain NaN or +inf (max is {top}); the model output is unusable")
+    ids = _topk_ids(row, min(top_k, row.shape[0]))
+    # (V,) float64: float32 would move probabilities by 1e-7, enough to shift Otsu bins and eps_b decisions.
+    scaled = np.subtract(row, top, dtype=np.float64)
+    if temperature != 1:
+        scaled /= temperature
+    np.exp(scaled, out=scaled)
+    return TopK(ids, scaled[ids] / scaled.sum())
+
+
+def _topk_ids(row: np.ndarray, k: int) -> np.ndarray:
+    vocab = row.shape[0]
+    if k == vocab:
+        candidates = np.arange(vocab)
+    else:
+        blocks = vocab // _TOPK_BLOCK
+        if blocks >= k:
+            block_max = row[: blocks * _TOPK_BLOCK].reshape(blocks, _TOPK_BLOCK).max(axis=1)
+            floor = np.partition(block_max, blocks - k)[blocks - k]
+            candidates = np.flatnonzero(row >= floor)
+        else:
+            candidates = np.arange(vocab)
+        values = row[candidates]
+        chosen = np.argpartition(values, values.size - k)[values.size - k :]
+        kth = values[chosen].min()
+        # argpartition picks arbitrarily among logits equal to the k-th: make it the smallest ids.
+        if np.count_nonzero(values[chosen] == kth) < np.count_nonzero(values == kth):
+            above = chosen[values[chosen] > kth]
+            equal = np.flatnonzero(values == kth)[: k - above.size]
+            chosen = np.concatenate([above, equal])
+        candidates = candidates[chosen]
+    return candidates[np.lexsort((candidates, -row[candidates]))].astype(np.int64)
+
+
+def binomial_kernel(size: int) -> np.ndarray:
+    """The discrete Gaussian of odd width `size`: a row of Pascal's triangle over 2 ** (size - 1)."""
+    return np.array([comb(size - 1, j) for j in range(size)], dtype=np.float64) / 2.0 ** (size - 1)
+
+
+class DynamicSampler:
+    """Algorithm 1 for one generation stream, with scratch grids kept between steps (not thread-safe)."""
+
+    def __init__(self) -> None:
+        self._scratch: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
+
+    def step(
+        self,
+        logits: np.ndarray,
+        generated: Sequence[int] | np.ndarray,
+        masks: CooccurrenceWeights | None,
+        config: SamplingConfig,
+        rng: np.random.Generator,
+    ) -> StepResult:
+        """Tokens to emit from one forward pass; `logits` is (n_heads, vocab) at the last position."""
+        logits = _check_logits(logits)
+        n_heads = logits.shape[0]
+        token_set = _token_set(generated)
+        temperature = config.temperature or 1.0
+        # eps_b = 1 can never emit more than one token: skip building the grids.
+        used = n_heads if config.eps_b < 1 else 1
+        topks = [head_topk(logits[i], config.top_k, temperature) for i in range(used)]
+        for n in range(used, 1, -1):
+            grid = self._joint(topks[:n], token_set, masks, config)
+            if min(grid.max(), 1.0) > config.eps_b ** (n - 1):
+                cell = np.unravel_index(_draw(grid, config.greedy, rng), grid.shape)
+                return StepResult(
+                    tuple(int(t.ids[i]) for t, i in zip(topks[:n], cell, strict=True)), n_heads - n
+                )
+        return StepResult((_draw_head1(topks[0], token_set, config, rng),), n_heads - 1)
+
+    def joint(
+        self,
+        topks: Sequence[TopK],
+        generated: Sequence[int] | np.ndarray,
+        masks: CooccurrenceWeights | None,
+        config: SamplingConfig,
+    ) -> np.ndarray:
+        """J over the grid of `topks` after weighting, both thresholds and the penalty.
+
+        The array is a scratch buffer of this sampler, valid until its next call.
+        """
+        return self._joint(topks, _token_set(generated), masks, config)
+
+    def _joint(
+        self,
+        topks: Sequence[TopK],
+        token_set: np.ndarray,
+        masks: CooccurrenceWeights | None,
+        config: SamplingConfig,
+    ) -> np.ndarray:
+        grid = self._buffer("joint", tuple(t.ids.size for t in topks))
+        _outer(grid, [t.probs for t in topks])  # (k_1, ..., k_n)
+        if masks is not None and config.alpha_c > 0 and len(topks) in masks.orders:
+            weights = masks.weights([t.ids for t in topks])
+            _check_weights(weights, grid.shape)
+            if config.alpha_c != 1:  # in float64: masks may store float32
+                weights = np.power(weights, config.alpha_c, dtype=np.float64)
+            mass = np.prod([t.probs.sum() for t in topks])
+            grid *= weights
+            total = grid.sum()
+            if total > 0:
+                grid *= mass / total
+        if config.static_threshold > 0:
+            grid[grid < config.static_threshold] = 0.0
+        if config.adaptive:
+            grid[self._otsu_low(grid, config.blur)] = 0.0
+        if config.repetition_penalty != 1 and token_set.size:
+            for axis, t in enumerate(topks):
+                seen = _seen(t.ids, token_set)
+                if seen.any():
+                    divisor = np.where(seen, config.repetition_penalty, 1.0)
+                    grid /= divisor.reshape((-1,) + (1,) * (grid.ndim - axis - 1))
+        return grid
+
+    def _otsu_low(self, grid: np.ndarray, blur: int) -> np.ndarray:
+        """Boolean mask of the cells Otsu's threshold on the (blurred) grid puts in the low class."""
+        blurred = grid
+        if blur > 1:
+            kernel = binomial_kernel(blur)
+            for axis in range(grid.ndim):
+                out = self._buffer(f"blur{axis % 2}", grid.shape)  # ping-pong: scipy cannot filter in place
+                correlate1d(blurred, kernel, axis=axis, output=out, mode="mirror")
+                blurred = out
+        lo, hi = blurred.min(), blurred.max()
+        if not hi > lo:
+            return np.zeros(grid.shape, dtype=bool)
+        scaled = self._buffer("bins_f", grid.shape)
+        np.subtract(blurred, lo, out=scaled)
+        scaled *= OTSU_BINS / (hi - lo)
+        bins = scaled.astype(np.intp)  # floor: values are >= 0
+        np.minimum(bins, OTSU_BINS - 1, out=bins)
+        return bins <= otsu_split(np.bincount(bins.ravel(), minlength=OTSU_BINS))
+
+    def _buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        # Keyed by shape too: a step that backs off from n = 3 to 2 needs both grids every time.
+        key = (name, shape)
+        if key not in self._scratch:
+            self._scratch[key] = np.empty(shape, dtype=np.float64)
+        return self._scratch[key]
+
+
+def otsu_split(counts: np.ndarray) -> int:
+    """Last bin of the low class: maximises n0 * n1 * (mu0 - mu1) ** 2 over splits of a histogram.
+
+    With integer bin indices b and N cells of index sum S, n0 n1 (mu0 - mu1)^2
+    = (N S0 - n0 S)^2 / (n0 n1): integers up to the final division.
+    """
+    index = np.arange(counts.size, dtype=np.int64)
+    n0 = np.cumsum(counts)[:-1]
+    s0 = np.cumsum(counts * index)[:-1]
+    total, index_sum = int(counts.sum()), int(counts @ index)
+    n1 = total - n0
+    numerator = (total * s0 - n0 * index_sum).astype(np.float64) ** 2
+    valid = (n0 > 0) & (n1 > 0)
+    score = np.where(valid, numerator / np.where(valid, n0 * n1, 1), -1.0)
+    return int(np.argmax(score))
+
+
+def sample_ar(
+    logits_head1: np.ndarray,
+    generated: Sequence[int] | np.ndarray,
+    config: SamplingConfig,
+    rng: np.random.Generator,
+) -> int:
+    """One token from head 1 (top-k, temperature, repetition penalty): `ar` mode, and n = 1 of Algorithm 1."""
+    row = np.asarray(logits_head1)
+    if row.ndim != 1 or row.size == 0:
+        raise SamplingError(f"head-1 logits must be a non-empty (vocab,) array, got shape {row.shape}")
+    top = head_topk(row, config.top_k, config.temperature or 1.0)
+    return _draw_head1(top, _token_set(generated), config, rng)
+
+
+def _draw_head1(top: TopK, token_set: np.ndarray, config: SamplingConfig, rng: np.random.Generator) -> int:
+    return int(top.ids[_draw(_penalised(top, token_set, config), config.greedy, rng)])
+
+
+def _penalised(top: TopK, token_set: np.ndarray, config: SamplingConfig) -> np.ndarray:
+    if config.repetition_penalty == 1 or token_set.size == 0:
+        return top.probs
+    return top.probs / np.where(_seen(top.ids, token_set), config.repetition_penalty, 1.0)
+
+
+def _token_set(generated: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Sorted distinct ids: membership by binary search, far cheaper than np.isin on a few candidates."""
+    return np.unique(np.asarray(generated, dtype=np.int64))
+
+
+def _seen(ids: np.ndarray, token_set: np.ndarray) -> np.ndarray:
+    """ids in token_set (a `_token_set`), elementwise."""
+    if token_set.size == 0:
+        return np.zeros(ids.shape, dtype=bool)
+    found = np.minimum(np.searchsorted(token_set, ids), token_set.size - 1)
+    return token_set[found] == ids
+
+
+def _draw(weights: np.ndarray, greedy: bool, rng: np.random.Generator) -> int:
+    """Flat index of a cell: argmax if greedy, else inverse CDF of one rng.random() in C order.
+
+    Two levels (sums of rows of the last axis, then one row) so a 50**3 grid is not
+    cumsummed whole; the cell is the same as one running sum over the grid up to rounding.
+    """
+    flat = weights.reshape(-1)
+    if greedy:
+        return int(np.argmax(flat))
+    width = weights.shape[-1]
+    rows = flat.reshape(-1, width)  # (cells / k_n, k_n)
+    row_cdf = np.cumsum(rows.sum(axis=1))
+    target = rng.random() * row_cdf[-1]
+    r = _first_above(row_cdf, target)
+    row_target = target - (row_cdf[r - 1] if r > 0 else 0.0)
+    return r * width + _first_above(np.cumsum(rows[r]), row_target)
+
+
+def _first_above(cdf: np.ndarray, target: float) -> int:
+    """First index with cdf > target; the last step of positive mass if rounding leaves none."""
+    i = int(np.searchsorted(cdf, target, side="right"))
+    if i < cdf.size:
+        return i
+    return int(np.flatnonzero(np.diff(cdf, prepend=0.0) > 0)[-1])
+
+
+def _outer(out: np.ndarray, vectors: Sequence[np.ndarray]) -> None:
+    """out = v_1 (x) v_2 (x) ... computed as ((v_1 * v_2) * v_3) ...; only the last product is grid-sized."""
+    partial = vectors[0]
+    for v in vectors[1:-1]:
+        partial = np.multiply.outer(partial, v)
+    if len(vectors) == 1:
+        out[...] = partial
+    else:
+        np.multiply(partial[..., None], vectors[-1], out=out)
+
+
+def _check_logits(logits: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits)
+    if logits.ndim != 2 or 0 in logits.shape:
+        raise SamplingError(f"logits must be (n_heads, vocab) at the last position, got shape {logits.shape}")
+    return logits
+
+
+def _check_weights(weights: np.ndarray, shape: tuple[int, ...]) -> None:
+    if weights.shape != shape:
+        raise SamplingError(
+            f"co-occurrence weights have shape {weights.shape}, the candidate grid is {shape}: "
+            "weights(ids) must return one value per n-gram of the given candidate ids"
+        )
+
+
+# --- verify mode: speculative sampling with head 1 as the target ------------------------------
+
+
+@dataclass(frozen=True)
+class Draft:
+    tokens: tuple[int, ...]  # drafted tokens, in order
+    dists: tuple[TopK, ...]  # the normalised distribution each was drawn from (q)
+
+
+@dataclass(frozen=True)
+class Verified:
+    tokens: tuple[int, ...]  # accepted drafts, then one corrected or bonus token
+    accepted: int  # number of drafts accepted
+
+
+def ar_distribution(
+    logits_row: np.ndarray, generated: Sequence[int] | np.ndarray, config: SamplingConfig
+) -> TopK:
+    """The normalised distribution `sample_ar` draws from (top-k, temperature, penalty)."""
+    top = head_topk(logits_row, config.top_k, config.temperature or 1.0)
+    weights = _penalised(top, _token_set(generated), config)
+    return TopK(top.ids, weights / weights.sum())
+
+
+def draft_tokens(
+    head_logits: np.ndarray,
+    generated: Sequence[int] | np.ndarray,
+    config: SamplingConfig,
+    rng: np.random.Generator,
+) -> Draft:
+    """One draft per row of `head_logits` (heads 2..n at one position), each drawn from its head's
+    `ar_distribution` with the earlier drafts counted as generated; greedy drafts take the argmax."""
+    head_logits = _check_logits(head_logits)
+    context = list(np.asarray(generated, dtype=np.int64).tolist())
+    tokens, dists = [], []
+    for row in head_logits:
+        dist = ar_distribution(row, context, config)
+        token = int(dist.ids[_draw(dist.probs, config.greedy, rng)])
+        tokens.append(token)
+        dists.append(dist)
+        context.append(token)
+    return Draft(tuple(tokens), tuple(dists))
+
+
+def verify_drafts(
+    head1_logits: np.ndarray,
+    draft: Draft,
+    generated: Sequence[int] | np.ndarray,
+    config: SamplingConfig,
+    rng: np.random.Generator,
+) -> Verified:
+    """Check `draft` against head 1 at the fed positions; `head1_logits` row j predicts draft j
+    (row m, after the last draft, gives the bonus token). `generated` ends just before the drafts.
+
+    Sampling: accept draft x with probability min(1, p(x) / q(x)) (one rng.random()); on the
+    first rejection draw from norm(max(0, p - q)) and stop; if all pass, draw the bonus token
+    with `sample_ar`. Greedy: accept while head 1's greedy token equals the draft, then emit
+    head 1's greedy token -- the tokens greedy `ar` would produce.
+    """
+    head1_logits = _check_logits(head1_logits)
+    m = len(draft.tokens)
+    if head1_logits.shape[0] != m + 1 or len(draft.dists) != m:
+        raise SamplingError(
+            f"{m} drafts need {m + 1} rows of head-1 logits and {m} draft distributions, "
+            f"got {head1_logits.shape[0]} rows and {len(draft.dists)} distributions"
+        )
+    context = list(np.asarray(generated, dtype=np.int64).tolist())
+    for j, (token, q) in enumerate(zip(draft.tokens, draft.dists, strict=True)):
+        if config.greedy:
+            target = sample_ar(head1_logits[j], context, config, rng)
+            if target != token:
+                return Verified((*draft.tokens[:j], target), j)
+        else:
+            p = ar_distribution(head1_logits[j], context, config)
+            q_x = _prob(q, token)
+            if q_x <= 0:
+                raise SamplingError(f"draft token {token} has probability 0 under its own draft distribution")
+            if rng.random() >= _prob(p, token) / q_x:
+                return Verified((*draft.tokens[:j], _draw_residual(p, q, head1_logits.shape[1], rng)), j)
+        context.append(token)
+    bonus = sample_ar(head1_logits[m], context, config, rng)
+    return Verified((*draft.tokens, bonus), m)
+
+
+def _prob(dist: TopK, token: int) -> float:
+    hit = np.flatnonzero(dist.ids == token)
+    return float(dist.probs[hit[0]]) if hit.size else 0.0
+
+
+def _draw_residual(p: TopK, q: TopK, vocab: int, rng: np.random.Generator) -> int:
+    """A token from norm(max(0, p - q)), one rng.random(), over token ids in ascending order.
+
+    If rounding leaves no residual mass (p <= q everywhere, where rejection has probability 0),
+    draw from p, the residual's limit.
+    """
+    residual = np.zeros(vocab)
+    residual[p.ids] = p.probs
+    residual[q.ids] -= q.probs
+    np.maximum(residual, 0.0, out=residual)
+    if not residual.any():
+        residual[p.ids] = p.probs
+    return _draw(residual, False, rng)

@@ -1,0 +1,83 @@
+"""dynamo-generate: generate from an exported artifact with the torch-free runtime.
+
+    dynamo-generate --artifact out/reference-t3-onnx --prompt "The os module" --mode dynamic --eps-b 0.5
+
+A thin layer over DynaMoRuntime.generate / stream; sampling options default to
+the artifact's manifest and are validated by SamplingConfig.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from runtime.config import MODES, SamplingConfig
+from runtime.engine import DynaMoRuntime
+from runtime.errors import DynaMoRuntimeError
+
+OPTION_FLAGS = ("mode", "eps_b", "top_k", "temperature", "repetition_penalty", "alpha_c", "blur", "static_threshold")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dynamo-generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--artifact", required=True, help="directory written by dynamo-export")
+    p.add_argument("--prompt", required=True, help="text prompt (needs the artifact's tokenizer)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's choice)")
+    p.add_argument("--mode", choices=MODES)
+    p.add_argument("--eps-b", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--alpha-c", type=float)
+    p.add_argument("--blur", type=int)
+    p.add_argument("--static-threshold", type=float)
+    p.add_argument("--no-adaptive", action="store_true", help="turn Otsu's threshold off (implies --blur 0)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stream", action="store_true", help="print text as passes accept tokens")
+    p.add_argument("--json", action="store_true", help="print the result and stats as JSON")
+    return p
+
+
+def sampling_config(args, defaults: SamplingConfig) -> SamplingConfig:
+    changes = {name: getattr(args, name) for name in OPTION_FLAGS if getattr(args, name) is not None}
+    if args.no_adaptive:
+        changes.update(adaptive=False, blur=0)
+    if args.stop:
+        changes["stop"] = (*defaults.stop, *args.stop)
+    return defaults.replace(**changes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rt = DynaMoRuntime.load(args.artifact, provider=args.provider, threads=args.threads)
+        config = sampling_config(args, rt.default_config)
+        if args.stream and not args.json:
+            for piece in rt.stream(args.prompt, args.max_new_tokens, config, seed=args.seed):
+                print(piece, end="", flush=True)
+            print()
+            return 0
+        result = rt.generate(args.prompt, args.max_new_tokens, config, seed=args.seed)
+    except DynaMoRuntimeError as exc:
+        print(f"dynamo-generate: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "config": dataclasses.asdict(config),
+                          "stats": result.stats.to_dict()}, indent=2))
+    else:
+        stats = result.stats
+        print(result.text)
+        print(f"-- {stats.new_tokens} tokens in {stats.forward_passes} passes "
+              f"({stats.tokens_per_pass:.2f} tokens/pass, {stats.tokens_per_s:.1f} tokens/s, "
+              f"stop: {stats.stop_reason})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

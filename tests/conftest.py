@@ -1,0 +1,108 @@
+"""Shared fixtures: tiny random checkpoints and one exported artifact per test session.
+
+The models are tiny (hidden 32, 4 attention heads, 3 layers, vocab 100,
+rotary_pct 0.25), random and seeded, so everything here is fast and deterministic.
+Exporting takes 10-20 s even for them (torch.export), hence session scope.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+TINY_VOCAB = 100
+TINY_HEADS = 3  # DynaMo-T3
+
+
+def tiny_gpt_neox_config() -> GPTNeoXConfig:
+    return GPTNeoXConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        intermediate_size=64,
+        rotary_pct=0.25,
+        max_position_embeddings=128,
+        # 5x the default spread: logits get margins like a trained model's, so top-1 agreement
+        # under fp16/int8 measures rounding, not ties between near-equal random logits.
+        initializer_range=0.1,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt_neox_dir(tmp_path_factory) -> Path:
+    """A random GPT-NeoX checkpoint with a word-level tokenizer.json (tokens t0..t99)."""
+    path = tmp_path_factory.mktemp("tiny-gpt-neox")
+    torch.manual_seed(0)
+    GPTNeoXForCausalLM(tiny_gpt_neox_config()).eval().save_pretrained(path)
+    tokenizer = Tokenizer(WordLevel({f"t{i}": i for i in range(TINY_VOCAB)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = Whitespace()
+    tokenizer.save(str(path / "tokenizer.json"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dynamo_dir(tiny_gpt_neox_dir, tmp_path_factory) -> Path:
+    """tiny_gpt_neox_dir converted to DynaMo-T3 (random extra heads, seeded) and saved."""
+    from dynamo_export import DynaMoForCausalLM
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("tiny-dynamo") / "dynamo-t3"
+    DynaMoForCausalLM.from_gpt_neox(tiny_gpt_neox_dir, num_token_heads=TINY_HEADS).save_pretrained(path)
+    return path
+
+
+def _write_cooccurrence(path: Path, vocab_size: int) -> Path:
+    """A small valid co-occurrence directory: a few pairs and one triple over `vocab_size` tokens."""
+    from runtime.cooccurrence import save_cooccurrence
+
+    pairs = np.array([1 * vocab_size + 2, 2 * vocab_size + 3, 5 * vocab_size + 7], dtype=np.int64)
+    triples = np.array([(1 * vocab_size + 2) * vocab_size + 3], dtype=np.int64)
+    save_cooccurrence(
+        path,
+        vocab_size=vocab_size,
+        num_tokens=1000,
+        ngram_positions={2: 999, 3: 998},
+        min_count=1,
+        eot_id=0,
+        weights={
+            2: (pairs, np.array([2.0, 3.0, 4.0], np.float32)),
+            3: (triples, np.array([5.0], np.float32)),
+        },
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_cooccurrence():
+    """make_cooccurrence(path, vocab_size) writes a small valid co-occurrence directory and returns path."""
+    return _write_cooccurrence
+
+
+@pytest.fixture(scope="session")
+def tiny_cooccurrence_dir(tmp_path_factory) -> Path:
+    """Co-occurrence weights over the tiny vocabulary (shipped inside tiny_artifact)."""
+    return _write_cooccurrence(tmp_path_factory.mktemp("cooc") / "cooccurrence", TINY_VOCAB)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_dynamo_dir, tiny_cooccurrence_dir, tmp_path_factory):
+    """The DynaMo-T3 checkpoint exported once (fp32, weights in model.onnx.data, verified, with co-occurrence).
+
+    Returns converters.artifact.ExportResult; the artifact directory is `.out`.
+    """
+    from converters.artifact import export_artifact
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-t3"
+    return export_artifact(
+        tiny_dynamo_dir, out=out, cooccurrence=tiny_cooccurrence_dir, external_data="always", progress=False
+    )

@@ -1,0 +1,347 @@
+"""dynamo-bench on a tiny model: the JSON it writes, and that every figure follows from what was measured."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from converters.artifact import export_artifact
+from dynamo_export import DynaMoForCausalLM
+from dynamo_export.bench import latency, quality, scale
+from dynamo_export.bench.benchmark import BenchOptions
+from dynamo_export.bench.latency import Call, Sample
+from dynamo_export.bench.prompts import PAPER_PROMPTS, in_domain_prompts
+from dynamo_export.bench.report import scale_markdown
+from dynamo_export.cli.bench import main
+from dynamo_export.cooccurrence import build_cooccurrence
+from dynamo_export.data import train_tokenizer
+from dynamo_export.errors import BenchError
+from dynamo_export.tokens import write_token_file
+from runtime import DynaMoRuntime, SamplingConfig
+
+PROSE = (
+    "The parser reads every argument from the command line and converts each one to the type that the "
+    "option declares, so that the program receives numbers, strings and lists ready to use without any "
+    "further work of its own, and reports errors with a helpful message when a value does not fit."
+)
+
+
+def _corpus_text() -> str:
+    """Real English + code that ships with Python itself: no download."""
+    import argparse
+    import json as json_module
+
+    return Path(argparse.__file__).read_text() + Path(json_module.__file__).read_text()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny random GPT-NeoX base with a BPE tokenizer, its DynaMo-T3 conversion with masks, exported."""
+    root = tmp_path_factory.mktemp("bench")
+    text = root / "corpus.txt"
+    text.write_text(_corpus_text())
+    tokenizer = train_tokenizer([text], 320, root / "tokenizer.json", show_progress=False)
+    ids = np.asarray(tokenizer.encode(text.read_text()).ids, dtype=np.int64)
+    write_token_file(root / "tokens", ids, vocab_size=320, eot_id=0)
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(
+        vocab_size=320,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        intermediate_size=64,
+        rotary_pct=0.25,
+        max_position_embeddings=128,
+        eos_token_id=0,
+        bos_token_id=0,
+    )
+    GPTNeoXForCausalLM(config).save_pretrained(root / "base")
+    (root / "base" / "tokenizer.json").write_bytes((root / "tokenizer.json").read_bytes())
+    DynaMoForCausalLM.from_gpt_neox(root / "base", num_token_heads=3, head_init="copy").save_pretrained(
+        root / "t3"
+    )
+    build_cooccurrence(root / "tokens", root / "cooc", orders=(2, 3), workers=1, progress=False)
+    export_artifact(
+        root / "t3", out=root / "t3-onnx", cooccurrence=root / "cooc", verify=False, progress=False
+    )
+    heldout = root / "heldout" / "library"
+    heldout.mkdir(parents=True)
+    (heldout / "a.rst.txt").write_text(
+        f"Title\n=====\n\n.. note:: {PROSE}\n\nShort prose paragraph.\n\n{PROSE}\n\n   >>> code(1)\n"
+    )
+    (heldout / "b.rst.txt").write_text(f"Another {PROSE}\n\n* a bulleted {PROSE}\n\nFinal {PROSE}\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def bench(models, tmp_path_factory):
+    """One CLI run over everything: 3 runtime sweeps + Optimum + PyTorch, JSON, markdown and plot written."""
+    out = tmp_path_factory.mktemp("bench-out")
+    main(
+        [
+            "--artifact",
+            str(models / "t3-onnx"),
+            "--baseline",
+            str(models / "base"),
+            "--in-domain",
+            str(models / "heldout"),
+            "--num-in-domain",
+            "2",
+            "--max-new-tokens",
+            "12",
+            "--eps-b",
+            "0.2,0.8",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--seeds",
+            "0,1",
+            "--threads",
+            "1",
+            "--json",
+            str(out / "bench.json"),
+            "--markdown",
+            str(out / "bench.md"),
+            "--plot",
+            str(out / "plot.png"),
+            "--no-progress",
+        ]
+    )
+    return out
+
+
+@pytest.mark.slow
+def test_cli_writes_every_figure(bench):
+    result = json.loads((bench / "bench.json").read_text())
+    assert set(result) >= {
+        "schema",
+        "environment",
+        "settings",
+        "runners",
+        "speedups",
+        "same_quality",
+        "ppl_d",
+    }
+    env = result["environment"]
+    assert env["threads"] == 1 and env["provider"] == "cpu" and len(env["manifest_sha256"]) == 64
+    assert env["versions"]["onnxruntime"] and env["versions"]["numpy"] and env["cpu_model"]
+    labels = ["ar", "dynamic eps_b=0.2", "dynamic eps_b=0.8", "verify", "optimum", "pytorch"]
+    assert list(result["runners"]) == labels
+    assert result["settings"]["prompt_counts"] == {"paper": len(PAPER_PROMPTS), "in-domain": 2}
+    for label, run in result["runners"].items():
+        lat = run["latency"]
+        for name in ("prefill_ms", "decode_ms_per_token", "tokens_per_s"):
+            assert len(lat[name]["per_repeat"]) == 2
+            assert 0 < lat[name]["median"] < math.inf, (label, name)
+        assert lat["peak_rss_mb"] > 10 and lat["deterministic"]
+        assert len(run["calls"]) == 12 * 2  # prompts x seeds, each with both rounds' timings
+        assert all(len(c["wall_s"]) == 2 for c in run["calls"])
+        assert run["quality"]["by_set"]["all"]["judged_ppl"] > 1
+        assert set(run["quality"]["judged_ppl_per_seed"]) == {"0", "1"}
+    # Counted figures agree with the per-call records they summarise.
+    dyn = result["runners"]["dynamic eps_b=0.2"]
+    first = [c["stats"] for c in dyn["calls"]]
+    passes = sum(s["forward_passes"] for s in first)
+    assert dyn["latency"]["tokens_per_pass"] == pytest.approx(sum(s["new_tokens"] for s in first) / passes)
+    assert sum(dyn["latency"]["emission_share"].values()) == pytest.approx(1)
+    assert result["runners"]["verify"]["latency"]["acceptance_rate"] is not None
+    assert result["speedups"]["ar"]["vs_ar"] == pytest.approx(1)
+    assert result["same_quality"]["wall_clock"]["runner"] in result["runners"]  # ar itself always qualifies
+    assert set(result["ppl_d"]["ppl_d"]) == set(labels[:4]) and result["ppl_d"]["heldout_reference_ppl"] > 1
+    assert (bench / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (bench / "bench.md").read_text()
+    assert "| dynamic eps_b=0.2 |" in markdown and "Same-quality wall-clock speed-up" in markdown
+
+
+@pytest.mark.slow
+def test_optimum_and_pytorch_generate_the_same_tokens(bench):
+    """Two independent stacks fed identically (prompt, seed, sampling) must agree token for token."""
+    result = json.loads((bench / "bench.json").read_text())
+    optimum = {(c["prompt"], c["seed"]): c["token_ids"] for c in result["runners"]["optimum"]["calls"]}
+    pytorch = {(c["prompt"], c["seed"]): c["token_ids"] for c in result["runners"]["pytorch"]["calls"]}
+    assert optimum == pytorch
+    assert sum(len(v) for v in optimum.values()) > 0
+
+
+class _Clock:
+    """A fake perf_counter advancing by `step` seconds per reading."""
+
+    def __init__(self, step: float):
+        self.now, self.step = 0.0, step
+
+    def perf_counter(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+@pytest.mark.parametrize("step", [0.5, 2.0])
+def test_wall_clock_figures_come_from_the_clock(models, monkeypatch, step):
+    rt = DynaMoRuntime.load(models / "t3-onnx", threads=1)
+    monkeypatch.setattr(latency, "time", _Clock(step))
+    runner = latency.RuntimeRunner(rt, SamplingConfig(mode="ar"))
+    calls = [Call("ar", 0, seed, 0, runner([5, 6, 7], 8, seed)) for seed in (0, 1, 2)]
+    assert all(c.sample.wall_s == step for c in calls)  # two readings around generate()
+    figures = latency.summarize(calls, peak_rss_bytes=2**20)
+    tokens = sum(len(c.sample.token_ids) for c in calls)
+    assert figures["tokens_per_s"]["median"] == pytest.approx(tokens / (3 * step))
+    assert figures["peak_rss_mb"] == 1
+
+
+def _call(
+    repeat: int, tokens: int, wall: float, prefill: float, decode: float, passes: int, ort: float
+) -> Call:
+    stats = {
+        "decode_s": decode,
+        "forward_passes": passes,
+        "new_tokens": tokens,
+        "first_pass_tokens": 1,
+        "decode_ort_s": ort,
+        "decode_sampling_s": decode - ort - 0.001,
+        "emissions": {"1": 1, "3": passes - 1},
+        "backoffs": 2,
+        "drafted": 0,
+        "accepted": 0,
+    }
+    return Call("x", 0, 0, repeat, Sample(tuple(range(tokens)), wall, prefill, stats))
+
+
+def test_latency_figures_are_derived_from_the_stats():
+    calls = [_call(0, 10, 1.0, 0.1, 0.8, 4, 0.6), _call(1, 10, 2.0, 0.3, 1.5, 4, 1.2)]
+    figures = latency.summarize(calls, 0)
+    assert figures["tokens_per_s"]["per_repeat"] == pytest.approx([10.0, 5.0])
+    assert figures["tokens_per_s"]["best"] == pytest.approx(10.0)
+    assert figures["tokens_per_s"]["median"] == pytest.approx(7.5)
+    assert figures["prefill_ms"]["best"] == pytest.approx(100)
+    assert figures["decode_ms_per_pass"]["per_repeat"] == pytest.approx([800 / 3, 1500 / 3])
+    assert figures["decode_ms_per_token"]["per_repeat"] == pytest.approx([800 / 9, 1500 / 9])
+    assert figures["ort_share"]["per_repeat"] == pytest.approx([0.75, 0.8])
+    assert figures["tokens_per_pass"] == pytest.approx(10 / 4)
+    assert figures["emission_share"] == pytest.approx({"1": 0.25, "3": 0.75})
+    assert figures["backoffs_per_pass"] == pytest.approx(0.5)
+    # Change one measurement: only the figures that depend on it move.
+    slower = latency.summarize([_call(0, 10, 1.0, 0.1, 1.6, 4, 0.6), calls[1]], 0)
+    assert slower["decode_ms_per_pass"]["per_repeat"][0] == pytest.approx(1600 / 3)
+    assert slower["tokens_per_s"]["per_repeat"] == figures["tokens_per_s"]["per_repeat"]
+
+
+def _quality(ppl: float, per_seed: tuple[float, float]) -> dict:
+    return {
+        "by_set": {"all": {"judged_ppl": ppl}},
+        "judged_ppl_per_seed": {"0": per_seed[0], "1": per_seed[1]},
+    }
+
+
+def test_same_quality_speedup_follows_ppl_and_speed():
+    lat = {"ar": 100.0, "a": 180.0, "b": 260.0}
+    speed = latency.speedups({k: {"tokens_per_s": {"median": v}} for k, v in lat.items()}, ["ar"])
+    assert speed["b"]["vs_ar"] == pytest.approx(2.6)
+    qualities = {
+        "ar": _quality(10.0, (9.8, 10.2)),
+        "a": _quality(10.4, (10.2, 10.5)),
+        "b": _quality(11.0, (10.9, 11.1)),
+    }
+    tpp = {"ar": 1.0, "a": 2.0, "b": 2.8}
+    sq = quality.same_quality(qualities, speed, tpp, ["ar", "a", "b"])
+    assert sq["wall_clock"] == {"runner": "a", "value": pytest.approx(1.8)}
+    assert sq["tokens_per_pass"] == {"runner": "a", "value": 2.0}
+    assert sq["ar_seed_spread"] == pytest.approx(0.04)
+    assert sq["candidates"]["a"]["seeds_within_tolerance"] == 2
+    qualities["b"] = _quality(10.3, (10.0, 11.0))  # now within 5% overall, on one seed only
+    sq = quality.same_quality(qualities, speed, tpp, ["ar", "a", "b"])
+    assert sq["wall_clock"] == {"runner": "b", "value": pytest.approx(2.6)}
+    assert sq["candidates"]["b"]["seeds_within_tolerance"] == 1
+
+
+class _FixedJudge:
+    """NLL of token t = t / 10: judged PPL must be exp of the token-weighted mean of those."""
+
+    name = "fixed"
+
+    def nll(self, context, continuation):
+        return np.asarray(continuation, dtype=np.float64) / 10
+
+
+def test_judged_ppl_is_the_token_weighted_mean_nll():
+    from dynamo_export.bench.prompts import Prompt
+
+    prompts = [Prompt("paper", "p", (1,)), Prompt("in-domain", "q", (2,), (3, 3))]
+    calls = [
+        Call("x", 0, 0, 0, Sample((1, 2, 3), 1, 0)),
+        Call("x", 1, 1, 0, Sample((4,), 1, 0)),
+        Call("x", 0, 0, 1, Sample((9, 9, 9), 1, 0)),
+    ]  # a later round: ignored for quality
+    q = quality.quality_of(calls, prompts, quality.Scorer(_FixedJudge()))
+    assert q["by_set"]["paper"]["judged_ppl"] == pytest.approx(math.exp(0.6 / 3))
+    assert q["by_set"]["all"]["judged_ppl"] == pytest.approx(math.exp(1.0 / 4))
+    assert q["judged_ppl_per_seed"] == {"0": pytest.approx(math.exp(0.2)), "1": pytest.approx(math.exp(0.4))}
+    assert quality.reference_ppl(prompts, quality.Scorer(_FixedJudge())) == pytest.approx(math.exp(0.3))
+
+
+def test_judges_match_an_independent_forward(models):
+    """Both judges score the continuation tokens only, exactly as a plain transformers forward does."""
+    context, continuation = [5, 9, 17, 2], [33, 8, 101, 7, 7]
+    ids = torch.tensor([context + continuation])
+    with torch.no_grad():
+        base = GPTNeoXForCausalLM.from_pretrained(models / "base").eval()
+        logp = torch.log_softmax(base(ids).logits[0].double(), -1)
+        t3_logp = torch.log_softmax(
+            DynaMoForCausalLM.from_pretrained(models / "t3")(ids).logits[0, 0].double(), -1
+        )
+    rows = range(len(context) - 1, len(context) + len(continuation) - 1)
+    expected = [-float(logp[r, t]) for r, t in zip(rows, continuation, strict=True)]
+    expected_t3 = [-float(t3_logp[r, t]) for r, t in zip(rows, continuation, strict=True)]
+    np.testing.assert_allclose(
+        quality.TorchJudge(models / "base").nll(context, continuation), expected, rtol=1e-5
+    )
+    onnx = quality.OrtJudge(models / "t3-onnx", threads=1).nll(context, continuation)
+    np.testing.assert_allclose(onnx, expected_t3, rtol=1e-4, atol=1e-5)
+
+
+def test_distinct_n_and_repetition_on_hand_counted_examples():
+    assert quality.distinct_n([[1, 2, 1, 2, 1, 2]], 2) == pytest.approx(2 / 5)
+    assert quality.distinct_n([[1, 2, 3], [1, 2, 4]], 2) == pytest.approx(3 / 4)
+    assert quality.seq_rep([1, 2, 1, 2, 1, 2]) == pytest.approx(1 / 3)
+    assert quality.seq_rep([1, 2, 3, 4, 5]) == 0
+    assert quality.seq_rep([1, 2]) is None
+
+
+def test_in_domain_prompts_are_prose_and_deterministic(models):
+    tokenizer = DynaMoRuntime.load(models / "t3-onnx").tokenizer
+    prompts = in_domain_prompts(models / "heldout", tokenizer, count=3, prompt_tokens=8, reference_tokens=20)
+    assert [p.text.split()[0] for p in prompts] == ["The", "Another", "Final"]  # no directive, bullet, title
+    assert all(len(p.ids) == 8 and len(p.reference) == 20 for p in prompts)
+    assert prompts == in_domain_prompts(models / "heldout", tokenizer, 3, 8, 20)
+    with pytest.raises(BenchError, match="only 3 prose paragraphs"):
+        in_domain_prompts(models / "heldout", tokenizer, count=4)
+
+
+def test_options_report_every_problem_at_once():
+    options = BenchOptions(artifact="x", modes=("ar", "beam"), eps_b=(1.5,), repeats=0, seeds=())
+    with pytest.raises(BenchError) as err:
+        options.validate()
+    for part in ("'beam'", "[1.5]", "--repeats", "--seeds"):
+        assert part in str(err.value)
+
+
+def test_scale_marks_sizes_that_do_not_fit(monkeypatch, tmp_path):
+    class _Memory:
+        available = 2**30  # 1 GiB: none of the Pythia sizes fits
+
+    monkeypatch.setattr(scale.psutil, "virtual_memory", lambda: _Memory())
+    monkeypatch.setattr(scale, "memcpy_bandwidth", lambda: 10e9)
+    result = scale.run_scale(["70m", "1b"], workdir=str(tmp_path), progress=False)
+    assert {r["status"] for r in result["rows"].values()} == {"does not fit"}
+    assert result["rows"]["1b"]["needed_gb"] > result["rows"]["70m"]["needed_gb"] > 1
+    assert scale_markdown(result).count("does not fit") == 2
+    assert list(tmp_path.iterdir()) == []  # nothing was exported
+
+
+def test_memcpy_bandwidth_is_measured():
+    assert 1e8 < scale.memcpy_bandwidth(nbytes=8 * 2**20, repeats=2) < 1e13
