@@ -13,6 +13,8 @@ what matters is that the curve levels off.
 Without --artifact it builds a small random DynaMo-T3 (hidden 64, 4 layers,
 vocab 512, context 256) with co-occurrence masks from a random token stream,
 exported to a temporary directory (needs torch; about a minute on 2 cores).
+The build runs in a child process, so the soaked process is torch-free like a
+real deployment and its RSS is the runtime's own.
 
     python -m benchmarks.soak_runtime [--passes 10000] [--every 500] [--artifact DIR]
 """
@@ -20,6 +22,8 @@ exported to a temporary directory (needs torch; about a minute on 2 cores).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +36,7 @@ from runtime import DynaMoRuntime, SamplingConfig
 MODES = ("dynamic", "verify", "ar")
 
 
-def build_small_artifact(root: Path) -> Path:
+def build_small_artifact(root: Path) -> None:
     """A random small DynaMo-T3 with masks, exported with dynamo-export's own code path."""
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
@@ -55,9 +59,9 @@ def build_small_artifact(root: Path) -> Path:
     ids = np.minimum(np.random.default_rng(0).zipf(1.3, 200_000), vocab) - 1
     write_token_file(root / "tokens", ids.astype(np.int64), vocab_size=vocab, eot_id=0)
     build_cooccurrence(root / "tokens", root / "cooc", orders=(2, 3), workers=1, progress=False)
-    out = root / "t3-onnx"
-    export_artifact(root / "t3", out=out, cooccurrence=root / "cooc", verify=False, progress=False)
-    return out
+    export_artifact(
+        root / "t3", out=root / "t3-onnx", cooccurrence=root / "cooc", verify=False, progress=False
+    )
 
 
 def soak(rt: DynaMoRuntime, passes: int, every: int, seed: int) -> list[tuple[int, int, float, float]]:
@@ -111,11 +115,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        artifact = args.artifact or build_small_artifact(Path(tmp))
+        artifact = args.artifact
+        if artifact is None:
+            artifact = Path(tmp) / "t3-onnx"
+            child = multiprocessing.get_context("spawn").Process(
+                target=build_small_artifact, args=(Path(tmp),)
+            )
+            child.start()
+            child.join()
+            if child.exitcode != 0:
+                raise SystemExit(f"building the small artifact failed (exit code {child.exitcode})")
         rt = DynaMoRuntime.load(artifact, threads=args.threads)
         model = rt.manifest.model
         print(
-            f"artifact {artifact}: {model.num_token_heads} heads, {model.num_cache_layers} cache layers, "
+            f"torch loaded in this process: {'torch' in sys.modules}; artifact {artifact}: {model.num_token_heads} heads, {model.num_cache_layers} cache layers, "
             f"vocab {model.vocab_size}, context {model.context_length}, masks {'yes' if rt.masks else 'no'}"
         )
         summarize(soak(rt, args.passes, args.every, args.seed))

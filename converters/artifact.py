@@ -90,7 +90,8 @@ class _Plan:
 
 
 def default_out(model_path: str | os.PathLike, dtype: str) -> Path:
-    return Path("artifacts") / f"{Path(model_path).resolve().name}-{dtype}"
+    """out/<model>-<dtype>-onnx: outside artifacts/, which holds the checkpoints this repo ships."""
+    return Path("out") / f"{Path(model_path).resolve().name}-{dtype}-onnx"
 
 
 def export_artifact(

@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model", required=True, help="checkpoint directory (DynaMo save_pretrained, or GPT-NeoX)"
     )
-    parser.add_argument("--out", help="artifact directory (default: artifacts/<model>-<dtype>)")
+    parser.add_argument("--out", help="artifact directory (default: out/<model>-<dtype>-onnx)")
     parser.add_argument(
         "--cooccurrence", help="co-occurrence directory from dynamo-cooccur to ship with the model"
     )

@@ -77,9 +77,11 @@ class DynaMoRuntime:
                 tokenizer = Tokenizer.from_file(str(root / manifest.tokenizer))
             except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
                 raise ArtifactError(f"{manifest.tokenizer} is not a valid tokenizers file: {exc}") from exc
-            if tokenizer.get_vocab_size() > vocab:
+            # Ids need not be dense (get_vocab_size counts entries): the largest one must fit the graph.
+            top = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+            if top >= vocab:
                 raise ArtifactError(
-                    f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the graph only {vocab}: "
+                    f"the tokenizer's ids reach {top} but the graph has only {vocab} tokens: "
                     "they come from different models"
                 )
         masks = None

@@ -15,8 +15,10 @@ attributes, subgraphs):
   reached by a plain relative path without links; offset + length fit in the
   file and length equals dims x dtype size; no unknown keys;
 - inline data holds exactly dims x dtype size bytes (or values);
-- no sparse tensors, model-local functions or training info (the exporter
-  emits none; ORT had path-check gaps on sparse tensors up to 1.26);
+- no sparse tensors, subgraphs (If/Loop/Scan bodies), model-local functions
+  or training info: the exporter emits none, and they are where ORT's own
+  checks had gaps (external paths of sparse tensors up to 1.26, out-of-bounds
+  reads on Loop/Scan bodies fixed in 1.30.1);
 - operator domains are the ones the exporter emits: the default ONNX domain
   and `com.microsoft` (ORT's transformer fusions, `--optimize`); the default
   domain's opset is the manifest's;
@@ -112,7 +114,9 @@ class GraphInfo:
     tensors: list[TensorInfo] = field(default_factory=list)
     inputs: list[ValueInfo] = field(default_factory=list)
     outputs: list[ValueInfo] = field(default_factory=list)
-    unsupported: list[str] = field(default_factory=list)  # sparse tensors, functions, training info
+    unsupported: list[str] = field(
+        default_factory=list
+    )  # sparse tensors, subgraphs, functions, training info
 
 
 # ---------------------------------------------------------------------------------------------- wire format
@@ -173,7 +177,7 @@ class _Wire:
             raise self.fail("a string that is not UTF-8") from exc
 
     def packed_count(self, wire: int, start: int, end: int, element_wire: int) -> int:
-        """Entries in one occurrence of a repeated field: packed scalars share one LEN field, strings do not."""
+        """Entries in one occurrence of a repeated field: packed scalars share one LEN field; strings not."""
         if wire != _LEN or element_wire == _LEN:
             return 1
         if element_wire == _FIXED32:
@@ -331,6 +335,7 @@ def _read_attribute(w: _Wire, start: int, end: int, info: GraphInfo, depth: int,
     for t_start, t_stop in tensors:
         info.tensors.append(_read_tensor(w, t_start, t_stop, where))
     for g_start, g_stop in graphs:
+        info.unsupported.append(f"a subgraph in {where}")
         _read_graph(w, g_start, g_stop, info, depth + 1, f"{where} subgraph ")
 
 
@@ -362,7 +367,12 @@ def read_graph(path: str | os.PathLike) -> GraphInfo:
     """Parse the fields of an .onnx file the checks need; GraphError if it is not a valid model."""
     path = Path(path)
     try:
-        size = os.lstat(path).st_size
+        info = os.lstat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise GraphError(
+                f"{path} is not a regular file (a link, directory or device); refusing to read it"
+            )
+        size = info.st_size
         if size == 0:
             raise GraphError(f"{path} is empty; re-export it with dynamo-export")
         if size > MAX_GRAPH_BYTES:

@@ -196,6 +196,12 @@ def _check_consistency(m: Manifest) -> None:
         if token is not None and not 0 <= token < model.vocab_size:
             raise ManifestError(f"model.{name}={token} lies outside the vocabulary [0, {model.vocab_size})")
     _check_dtypes(m.graph)
+    patterns = [m.graph.past_key, m.graph.past_value, m.graph.present_key, m.graph.present_value]
+    one_index = all(p.count("{") == p.count("}") == 1 and "{i}" in p for p in patterns)
+    if len(set(patterns)) != 4 or not one_index:
+        raise ManifestError(
+            f"graph cache name patterns {patterns} must be 4 distinct names, each with one '{{i}}'"
+        )
     paths = [m.graph.file] + [p for p in (m.graph.external_data, m.tokenizer) if p]
     for path in paths:
         check_relative_path(path)

@@ -77,8 +77,11 @@ OTSU_BINS = 256
 # of the maxima of _TOPK_GROUPS groups of logits: exact (k groups reach that value, so
 # the k-th largest logit does too). Group g holds the logits g, g + G, g + 2G, ...: their
 # maxima are one elementwise max over rows of a (vocab / G, G) view, which numpy
-# vectorises; about 30x cheaper than argpartition over a 50k vocabulary.
+# vectorises; over 10x cheaper than argpartition over a 50k vocabulary.
 _TOPK_GROUPS = 512
+# Otsu's threshold keeps J sparse while at most 1 / _SPARSE_SHARE of the cells can leave
+# its lowest bin: past that, whole-grid passes beat gathering the cells one by one.
+_SPARSE_SHARE = 16
 
 
 class CooccurrenceWeights(Protocol):
@@ -126,26 +129,27 @@ def heads_topk(logits: np.ndarray, top_k: int, temperature: float) -> list[TopK]
     np.exp(scaled, out=scaled)
     totals = scaled.sum(axis=1)
     k = min(top_k, logits.shape[1])
-    tops_k = []
-    for row, weights, total in zip(logits, scaled, totals, strict=True):
-        ids = _topk_ids(row, k)
-        tops_k.append(TopK(ids, weights[ids] / total))
-    return tops_k
+    return [
+        TopK(ids, weights[ids] / total)
+        for ids, weights, total in zip(_topk_ids(logits, k), scaled, totals, strict=True)
+    ]
 
 
-def _topk_ids(row: np.ndarray, k: int) -> np.ndarray:
-    vocab = row.shape[0]
-    if k == vocab:
-        candidates = np.arange(vocab)
-    else:
-        per_group = vocab // _TOPK_GROUPS
-        if per_group >= 2 and k <= _TOPK_GROUPS:
-            group_max = row[: per_group * _TOPK_GROUPS].reshape(per_group, _TOPK_GROUPS).max(axis=0)
-            floor = np.partition(group_max, _TOPK_GROUPS - k)[_TOPK_GROUPS - k]
-            candidates = np.flatnonzero(row >= floor)
-        else:
-            candidates = np.arange(vocab)
-        values = row[candidates]
+def _topk_ids(logits: np.ndarray, k: int) -> list[np.ndarray]:
+    """Each row's k best token ids by (-logit, id)."""
+    heads, vocab = logits.shape
+    per_group = vocab // _TOPK_GROUPS
+    if per_group < 2 or k > _TOPK_GROUPS:  # a small vocabulary: search it whole
+        return [_best_of(row, np.arange(vocab), k) for row in logits]
+    grouped = logits[:, : per_group * _TOPK_GROUPS].reshape(heads, per_group, _TOPK_GROUPS)
+    floors = np.partition(grouped.max(axis=1), _TOPK_GROUPS - k, axis=1)[:, _TOPK_GROUPS - k]  # (heads,)
+    return [_best_of(row, np.flatnonzero(row >= floor), k) for row, floor in zip(logits, floors, strict=True)]
+
+
+def _best_of(row: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
+    """The k best of `candidates` by (-logit, id); they must include every token tied with the k-th best."""
+    values = row[candidates]
+    if candidates.size > 4 * k:  # narrow a long list before sorting it
         chosen = np.argpartition(values, values.size - k)[values.size - k :]
         kth = values[chosen].min()
         # argpartition picks arbitrarily among logits equal to the k-th: make it the smallest ids.
@@ -153,8 +157,8 @@ def _topk_ids(row: np.ndarray, k: int) -> np.ndarray:
             above = chosen[values[chosen] > kth]
             equal = np.flatnonzero(values == kth)[: k - above.size]
             chosen = np.concatenate([above, equal])
-        candidates = candidates[chosen]
-    return candidates[np.lexsort((candidates, -row[candidates]))].astype(np.int64)
+        candidates, values = candidates[chosen], values[chosen]
+    return candidates[np.lexsort((candidates, -values))[:k]].astype(np.int64)
 
 
 def binomial_kernel(size: int) -> np.ndarray:
@@ -195,13 +199,16 @@ class _Joint:
 class DynamicSampler:
     """Algorithm 1 for one generation stream, with scratch grids kept between steps (not thread-safe).
 
-    Every cell and decision is the one the plain vectorised definition gives, to the
-    last bit; the speed comes from skipping work that cannot change them. The static
+    Every cell of J and every emit/back-off decision is the one the plain whole-grid
+    computation gives, to the last bit (tests/test_sampling.py holds both to that);
+    the speed comes from skipping work that cannot change them. The static
     threshold, Otsu and the repetition penalty only lower cells, so when J's largest
     entry before them is at most eps_b ** (n - 1) the step backs off right there, as
     the reference does, drawing no random number either way. Without weights that
     entry is the product of the heads' top probabilities, known before any grid is
     built; with weights it is known once the grid is weighted, before the blur.
+    Otsu usually keeps a few dozen cells, and the penalty and the draw then work on
+    those alone (the draw with the reference's own running sum).
     """
 
     def __init__(self) -> None:
@@ -261,9 +268,9 @@ class DynamicSampler:
         """J if min(max J, 1) > bound, else None -- decided as early as the work allows."""
         shape = tuple(t.ids.size for t in topks)
         weighted = masks is not None and config.alpha_c > 0 and len(topks) in masks.orders
-        # Without weights the largest cell is the first (probabilities descend along
-        # every axis), and this is its value to the last bit.
-        if min(math.prod(float(t.probs[0]) for t in topks), 1.0) <= bound:
+        # Without weights the grid's largest cell is the product of the heads' largest
+        # probabilities, to the last bit (rounding is monotone).
+        if not weighted and min(math.prod(float(t.probs.max()) for t in topks), 1.0) <= bound:
             return None
 
         grid = self._buffer("joint", shape)
@@ -297,11 +304,17 @@ class DynamicSampler:
         if not hi > lo:  # a constant grid keeps everything
             return _Joint(grid.shape, grid)
         scale = OTSU_BINS / (hi - lo)
-        # Only cells at least half a bin above the minimum can leave bin 0 (usually a few
-        # hundred): bin those exactly as all cells would be, and count the rest in bin 0.
-        candidates = np.flatnonzero(blurred >= lo + 0.5 / scale)
-        bins = ((blurred[candidates] - lo) * scale).astype(np.intp)  # floor: values are >= 0
-        np.minimum(bins, OTSU_BINS - 1, out=bins)
+        # Only cells at least half a bin above the minimum can leave bin 0; on peaked grids
+        # a few hundred. Bin those exactly as every cell would be, count the rest in bin 0,
+        # and keep J sparse; on flat grids bin everything and zero the low class in place.
+        above = blurred >= lo + 0.5 / scale
+        if np.count_nonzero(above) > blurred.size // _SPARSE_SHARE:
+            bins = _bins(blurred, lo, scale, out=self._buffer("shifted", blurred.shape))
+            low = bins <= otsu_split(np.bincount(bins, minlength=OTSU_BINS))
+            np.multiply(grid.reshape(-1), ~low, out=grid.reshape(-1))  # x * 1 = x, x * 0 = +0: J >= 0
+            return _Joint(grid.shape, grid)
+        candidates = np.flatnonzero(above)
+        bins = _bins(blurred[candidates], lo, scale)
         counts = np.bincount(bins, minlength=OTSU_BINS)
         counts[0] += blurred.size - candidates.size
         kept = candidates[bins > otsu_split(counts)]
@@ -355,6 +368,15 @@ def _blur3_twice(src: np.ndarray, out: np.ndarray, axis: int) -> None:
     np.add(before_last, before_last, out=last)
     out *= 0.5
     out += src
+
+
+def _bins(values: np.ndarray, lo: float, scale: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Otsu's bin of each value: floor((value - lo) * scale), the maximum in the last bin."""
+    shifted = np.subtract(values, lo, out=out)
+    shifted *= scale
+    bins = shifted.astype(np.intp)  # floor: values are >= lo
+    np.minimum(bins, OTSU_BINS - 1, out=bins)
+    return bins
 
 
 def _penalise(joint: _Joint, topks: Sequence[TopK], token_set: np.ndarray, penalty: float) -> None:
@@ -429,14 +451,15 @@ def _seen(ids: np.ndarray, token_set: np.ndarray) -> np.ndarray:
 def _draw(weights: np.ndarray, greedy: bool, rng: np.random.Generator) -> int:
     """Flat index of a cell: argmax if greedy, else inverse CDF of one rng.random() in C order.
 
-    Two levels (sums of rows of the last axis, then one row) so a 50**3 grid is not
-    cumsummed whole; the cell is the same as one running sum over the grid up to rounding.
+    Two levels (sums of the slices along the first axis, then one slice) so a 50**3 grid
+    is not cumsummed whole; the cell is the same as one running sum over the grid up to
+    rounding.
     """
     flat = weights.reshape(-1)
     if greedy:
         return int(np.argmax(flat))
-    width = weights.shape[-1]
-    rows = flat.reshape(-1, width)  # (cells / k_n, k_n)
+    rows = flat.reshape(weights.shape[0] if weights.ndim > 1 else 1, -1)  # (k_1, cells / k_1): few long rows
+    width = rows.shape[1]
     row_cdf = np.cumsum(rows.sum(axis=1))
     target = rng.random() * row_cdf[-1]
     r = _first_above(row_cdf, target)

@@ -335,7 +335,6 @@ def test_scale_marks_sizes_that_do_not_fit(monkeypatch, tmp_path):
         available = 2**30  # 1 GiB: none of the Pythia sizes fits
 
     monkeypatch.setattr(scale.psutil, "virtual_memory", lambda: _Memory())
-    monkeypatch.setattr(scale, "memcpy_bandwidth", lambda: 10e9)
     result = scale.run_scale(["70m", "1b"], workdir=str(tmp_path), progress=False)
     assert {r["status"] for r in result["rows"].values()} == {"does not fit"}
     assert result["rows"]["1b"]["needed_gb"] > result["rows"]["70m"]["needed_gb"] > 1

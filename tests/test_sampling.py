@@ -23,6 +23,7 @@ from runtime.sampling import (
     Draft,
     DynamicSampler,
     TopK,
+    _blur3_twice,
     ar_distribution,
     draft_tokens,
     head_topk,
@@ -211,6 +212,24 @@ def exact_otsu_split(counts):
         if best_score is None or score > best_score:
             best, best_score = split, score
     return best
+
+
+@pytest.mark.parametrize("shape", [(50, 50, 50), (7, 1, 5), (2, 3, 2), (1, 1, 1), (2,), (9,), (3, 4)])
+def test_blur_by_slices_is_twice_scipys_bit_for_bit(shape):
+    """Otsu's bins are affine in the values, so only a power-of-2 factor may separate the two."""
+    rng = np.random.default_rng(len(shape) * 100 + shape[0])
+    for _ in range(5):
+        grid = rng.random(shape) ** rng.uniform(1, 40)  # values over many orders of magnitude
+        grid[rng.random(shape) < 0.4] = 0.0  # masked cells
+        expected = grid
+        for axis in range(grid.ndim):
+            expected = correlate1d(expected, np.array([0.25, 0.5, 0.25]), axis=axis, mode="mirror")
+        src = grid
+        for axis in range(grid.ndim):
+            out = np.empty_like(grid)
+            _blur3_twice(src, out, axis)
+            src = out
+        np.testing.assert_array_equal(src, expected * 2.0**grid.ndim)
 
 
 FULL_SIZE = [

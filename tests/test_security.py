@@ -79,7 +79,7 @@ def rt(art) -> DynaMoRuntime:
 
 @pytest.fixture
 def copy(art, tmp_path) -> Path:
-    """A private copy of the artifact to tamper with (inside tmp_path/work, so tmp_path holds 'outside' files)."""
+    """A private copy of the artifact at tmp_path/work/art; tmp_path/work holds the 'outside' files."""
     target = tmp_path / "work" / "art"
     shutil.copytree(art, target)
     return target
@@ -355,6 +355,18 @@ def _local_function(model):
     )
 
 
+def _subgraph(model):
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["input_ids"], ["b_out"])],
+        "branch",
+        [],
+        [helper.make_tensor_value_info("b_out", TensorProto.INT64, None)],
+    )
+    model.graph.node.append(
+        helper.make_node("If", ["cond"], ["unused"], then_branch=branch, else_branch=branch)
+    )
+
+
 def _renamed_input(model):
     model.graph.input[0].name = "tokens"
     for node in model.graph.node:
@@ -369,6 +381,7 @@ def _renamed_input(model):
         (_foreign_domain, r"domains \['com.example.custom'\]"),
         (_sparse_initializer, "sparse initializer"),
         (_local_function, "model-local function"),
+        (_subgraph, "a subgraph in node 'If' attribute 'else_branch'"),
         (lambda m: m.opset_import[0].__setattr__("version", 17), "opset is"),
         (_renamed_input, r"missing \['input_ids'\], unexpected \['tokens'\]"),
         (
@@ -376,7 +389,7 @@ def _renamed_input(model):
             "logits",
         ),
     ],
-    ids=["domain", "sparse", "function", "opset", "input name", "logits dtype"],
+    ids=["domain", "sparse", "function", "subgraph", "opset", "input name", "logits dtype"],
 )
 def test_the_graph_holds_only_what_the_exporter_emits(copy, no_ort, edit, message):
     edit_graph(copy, edit)
@@ -482,7 +495,15 @@ def test_an_object_array_in_a_shipped_mask_is_never_unpickled(copy, monkeypatch)
 def test_a_tokenizer_larger_than_the_graph_is_refused(copy):
     write_tokenizer(copy / "tokenizer.json", 150)
     rehash(copy)
-    with pytest.raises(ArtifactError, match="the tokenizer has 150 tokens but the graph only 100"):
+    with pytest.raises(ArtifactError, match="ids reach 149 but the graph has only 100 tokens"):
+        DynaMoRuntime.load(copy)
+
+
+def test_a_tokenizer_with_few_entries_but_large_ids_is_refused(copy):
+    """get_vocab_size() counts entries (2 here); the check must look at the ids themselves."""
+    Tokenizer(WordLevel({"t0": 0, "far": 5000}, unk_token="t0")).save(str(copy / "tokenizer.json"))
+    rehash(copy)
+    with pytest.raises(ArtifactError, match="ids reach 5000"):
         DynaMoRuntime.load(copy)
 
 
@@ -604,7 +625,12 @@ def test_concurrent_calls_equal_single_threaded_ones(rt):
 # -- fuzzing: only typed errors ------------------------------------------------------------------------
 
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=8)
+    | st.sampled_from(["{", "{0}", "{i}", "../x", "/abs", "a\x00", "float64", "tensor(float)", 2**80, -1]),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
     max_leaves=6,
 )
@@ -619,7 +645,7 @@ def _paths(value, prefix=()):
         yield from _paths(child, (*prefix, key))
 
 
-@HYPOTHESIS
+@settings(HYPOTHESIS, max_examples=200)
 @given(data=st.data())
 def test_fuzz_manifest_parsing_raises_only_typed_errors(art, data):
     raw = json.loads((art / MANIFEST_NAME).read_text())
@@ -642,12 +668,13 @@ def test_fuzz_manifest_parsing_raises_only_typed_errors(art, data):
     try:
         manifest = parse_manifest(json.dumps(raw))
         SamplingConfig.from_manifest_defaults(manifest.sampling_defaults)
+        call_memory(manifest, 3, 5, "verify")
         check_graph(art, manifest)  # the real graph against a mutated manifest
     except DynaMoRuntimeError:
         pass
 
 
-@HYPOTHESIS
+@settings(HYPOTHESIS, max_examples=150)
 @given(
     cut=st.integers(0, 10**6),
     flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), max_size=6),
@@ -670,7 +697,7 @@ def _mutate(data: bytes, cut: int, flips, insert: bytes) -> bytes:
     return bytes(out[:at] + insert + out[at:]) if insert else bytes(out[: max(1, at)])
 
 
-@HYPOTHESIS
+@settings(HYPOTHESIS, max_examples=200)
 @given(
     member=st.sampled_from(["pairs.npz", "triples.npz", "cooccurrence.json"]),
     cut=st.integers(0, 10**6),
@@ -685,7 +712,7 @@ def test_fuzz_mask_loading_raises_only_typed_errors(art, tmp_path_factory, membe
         CooccurrenceMask.load(root, expected_vocab_size=100)
 
 
-@HYPOTHESIS
+@settings(HYPOTHESIS, max_examples=150)
 @given(
     cut=st.integers(0, 10**6),
     flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), max_size=6),

@@ -251,6 +251,7 @@ def scale_markdown(scale: dict) -> str:
         "params (M)",
         "export s",
         "artifact MB",
+        "bandwidth GB/s",
         "step ms @1",
         "step ms @3",
         "bound ms",
@@ -272,6 +273,7 @@ def scale_markdown(scale: dict) -> str:
                     "–",
                     "–",
                     "–",
+                    "–",
                 ]
             )
             continue
@@ -284,6 +286,7 @@ def scale_markdown(scale: dict) -> str:
                     _f(r["params"] / 1e6, 1),
                     _f(r["export_s"], 1),
                     _f(r["artifact_mb"], 0),
+                    _f(r["bandwidth_gb_s"], 1),
                     _f(r["step"]["1"]["min_ms"]),
                     _f(r["step"]["3"]["min_ms"]),
                     _f(r["bound_ms"]),
@@ -292,9 +295,10 @@ def scale_markdown(scale: dict) -> str:
                 ]
             )
     head = (
-        f"Memory bandwidth (numpy copy, read + write, one thread): {scale['bandwidth_gb_s']:.1f} GB/s; "
-        f"{scale['past_tokens']} past tokens; ORT threads {scale['threads']}; step times are the minimum over "
-        "repeats; bound = weight bytes read per step (all but the input embedding) / bandwidth."
+        f"Random-weight Pythia architectures, fp32, exported with verify=False; {scale['past_tokens']} past "
+        f"tokens; ORT threads {scale['threads']}; step times are the minimum over repeats. Bandwidth: numpy copy "
+        "(read + write, one thread), measured right before each row. Bound = weight bytes read per step (all "
+        "but the input embedding) / bandwidth; × bound = step time / bound."
     )
     return "# dynamo-bench --scale\n\n" + head + "\n\n" + _table(header, rows) + "\n"
 
