@@ -370,8 +370,15 @@ def _producer(fused: dict[str, int] | None) -> dict[str, str]:
     return {**versions, "exporter": "torch.onnx.export(dynamo=True)", "ort_transformer_fusions": fusions}
 
 
+def _make_shareable(root: Path) -> None:
+    """World-readable like any installed file: temp files (onnx's data file, mkstemp) start as 0600."""
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 def _install(built: Path, out: Path, aside: Path) -> None:
     """Rename the finished artifact to `out`; an old `out` (allowed by --force) is moved aside, restored on failure."""
+    _make_shareable(built)
     if not (out.exists() or out.is_symlink()):
         os.replace(built, out)
         return

@@ -262,33 +262,37 @@ def test_full_size_joint_equals_the_whole_grid_definition(config, scale):
             )
 
 
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
 @pytest.mark.parametrize("eps_b", [0.0, 0.05, 0.3, 0.6, 0.95])
-def test_full_size_greedy_steps_follow_the_whole_grid_definition(eps_b):
-    """Greedy decisions, including every early back-off, match J computed on every cell."""
+def test_full_size_steps_follow_the_whole_grid_definition(eps_b, temperature):
+    """Decisions (every early back-off included), the drawn cells and the random numbers used
+    match J computed on every cell and drawn by the reference's running sum."""
     rng = np.random.default_rng(int(eps_b * 100))
     vocab = 64
-    config = SamplingConfig(eps_b=eps_b, temperature=0)
+    config = SamplingConfig(eps_b=eps_b, temperature=temperature)
     sampler = DynamicSampler()
     emitted = set()
-    for step in range(12):
+    for step in range(6):
         masks = random_masks(rng, vocab, 0.3) if step % 2 else None
         logits = (rng.normal(size=(3, vocab)) * rng.choice([0.5, 3.0, 12.0])).astype(np.float32)
         generated = rng.integers(0, vocab, size=20)
-        topks = [head_topk(row, config.top_k, 1.0) for row in logits]
+        topks = [head_topk(row, config.top_k, config.temperature or 1.0) for row in logits]
+        seed = int(rng.integers(2**32))
+        expected_rng = np.random.default_rng(seed)
         for n in (3, 2):
             grid = whole_grid_joint(topks[:n], generated, masks, config)
             if min(grid.max(), 1.0) > eps_b ** (n - 1):
-                cell = np.unravel_index(np.argmax(grid), grid.shape)
+                cell = reference.draw(list(np.ndenumerate(grid)), config.greedy, expected_rng)
                 expected = tuple(int(t.ids[i]) for t, i in zip(topks[:n], cell, strict=True))
                 break
         else:
-            expected = (sample_ar(logits[0], generated, config, np.random.default_rng()),)
-        state = rng.bit_generator.state
-        result = sampler.step(logits, generated, masks, config, rng)
+            expected = (reference.sample_ar(logits[0], generated, config, expected_rng),)
+        fast_rng = np.random.default_rng(seed)
+        result = sampler.step(logits, generated, masks, config, fast_rng)
         assert result.tokens == expected
-        assert rng.bit_generator.state == state  # greedy draws nothing
+        assert fast_rng.bit_generator.state == expected_rng.bit_generator.state
         emitted.add(len(result.tokens))
-    if 0 < eps_b < 0.9:
+    if eps_b in (0.3, 0.6):
         assert len(emitted) > 1, "the cases should both emit and back off"
 
 
