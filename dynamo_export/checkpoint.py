@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+from dynamo_export.atomic import atomic_directory
 from dynamo_export.config import HEAD_INITS, DynaMoConfig
 from dynamo_export.errors import CheckpointError
 
@@ -197,9 +197,7 @@ def save_dynamo(model: DynaMoForCausalLM, directory: str | os.PathLike, overwrit
     directory = Path(directory)
     if directory.exists() and not overwrite:
         raise CheckpointError(f"{directory} already exists: choose another directory or pass overwrite=True")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
-    try:
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
         model.config.save_pretrained(tmp)
         state = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
@@ -208,10 +206,4 @@ def save_dynamo(model: DynaMoForCausalLM, directory: str | os.PathLike, overwrit
             for name in TOKENIZER_FILES:
                 if (Path(source) / name).is_file():
                     shutil.copy2(Path(source) / name, tmp / name)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory

@@ -32,6 +32,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from dynamo_export.atomic import atomic_directory
 from dynamo_export.errors import DataError
 
 PACKAGE = "python3.11-doc"
@@ -114,9 +115,7 @@ def build_corpus(unpacked_root: str | os.PathLike, out_dir: str | os.PathLike, p
     out = Path(out_dir)
     sources = Path(unpacked_root) / SOURCES_DIR
     train, heldout = split_paths(collect_sources(unpacked_root))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with atomic_directory(out, overwrite=True) as tmp:
         splits = {}
         for split, relpaths in zip(SPLITS, (train, heldout), strict=True):
             entries = []
@@ -130,12 +129,6 @@ def build_corpus(unpacked_root: str | os.PathLike, out_dir: str | os.PathLike, p
             splits[split] = entries
         manifest = {**package_info, "source_dir": SOURCES_DIR, "split_rule": SPLIT_RULE, "splits": splits}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

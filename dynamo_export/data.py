@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import codecs
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 
+from dynamo_export.atomic import atomic_write_text
 from dynamo_export.errors import DataError
 from dynamo_export.tokens import TokenFileMeta, dtype_for_vocab, write_token_file
 
@@ -76,7 +76,7 @@ def train_tokenizer(
         show_progress=show_progress,
     )
     tokenizer.train_from_iterator(_text_pieces(files), trainer=trainer)
-    _write_text_atomic(Path(out), tokenizer.to_str(pretty=True))
+    atomic_write_text(out, tokenizer.to_str(pretty=True))
     return tokenizer
 
 
@@ -201,15 +201,3 @@ def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
             batch, chars = [], 0
     if batch:
         yield batch
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

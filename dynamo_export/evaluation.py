@@ -19,17 +19,15 @@ PPL_1:n is the geometric mean of PPL_1..PPL_n.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dynamo_export.atomic import atomic_write_json
 from dynamo_export.checkpoint import checkpoint_kind
 from dynamo_export.config import DynaMoConfig
 from dynamo_export.errors import TokenFileError
@@ -150,17 +148,5 @@ def format_table(result: EvalResult) -> str:
     return "\n".join(f"{name:<{width}}  {value:>12}" for name, value in rows)
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> Path:
-    """Write JSON to a temp file beside `path`, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+# The reports' writer under its older name, which dynamo_export.bench.report imports from here.
+write_json_atomic = atomic_write_json

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from dynamo_export.atomic import atomic_write_bytes, atomic_write_json
 from dynamo_export.errors import TokenFileError
 
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
@@ -55,21 +55,9 @@ def write_token_file(path: str | os.PathLike, ids: np.ndarray, vocab_size: int, 
         raise TokenFileError(f"eot_id {eot_id} is outside the vocabulary of size {vocab_size}")
     dtype = dtype_for_vocab(vocab_size)
     meta = TokenFileMeta(dtype=dtype, vocab_size=int(vocab_size), num_tokens=int(ids.size), eot_id=int(eot_id))
-    bin_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(bin_path, ids.astype(_DTYPES[dtype]).tobytes())
-    _atomic_write(json_path, (json.dumps(asdict(meta), indent=2) + "\n").encode())
+    atomic_write_bytes(bin_path, ids.astype(_DTYPES[dtype]).tobytes())
+    atomic_write_json(json_path, asdict(meta))
     return meta
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_token_meta(path: str | os.PathLike) -> TokenFileMeta:

@@ -52,9 +52,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+from dynamo_export.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from dynamo_export.checkpoint import TOKENIZER_FILES, WEIGHTS_NAME, checkpoint_kind, gpt_neox_key_map
 from dynamo_export.errors import CheckpointError, TrainingError
-from dynamo_export.evaluation import check_vocab, evaluate, write_json_atomic
+from dynamo_export.evaluation import check_vocab, evaluate
 from dynamo_export.losses import multi_token_loss
 from dynamo_export.modeling import DynaMoForCausalLM
 from dynamo_export.tokens import open_tokens
@@ -224,13 +225,11 @@ def save_gpt_neox(model: DynaMoForCausalLM, directory: str | os.PathLike, overwr
     )
     if wrong:
         raise CheckpointError(f"GPT-NeoX export does not match GPTNeoXForCausalLM: {wrong[:10]}")
-
-    def write(tmp: Path) -> None:
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
         config.save_pretrained(tmp)
         save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         _copy_tokenizer(model, tmp)
-
-    return _build_atomically(directory, write)
+    return directory
 
 
 def _copy_tokenizer(model: DynaMoForCausalLM, directory: Path) -> None:
@@ -238,24 +237,6 @@ def _copy_tokenizer(model: DynaMoForCausalLM, directory: Path) -> None:
     for name in TOKENIZER_FILES if source is not None else ():
         if (Path(source) / name).is_file():
             shutil.copy2(Path(source) / name, directory / name)
-
-
-def _build_atomically(directory: Path, write) -> Path:
-    """Run `write(tmp)` on a hidden sibling directory, then rename it to `directory`."""
-    tmp = directory.with_name(f".{directory.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by a crash
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.mkdir()
-        write(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
 
 
 # -- optimisation ----------------------------------------------------------------------------------
@@ -343,13 +324,11 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, cfg: TrainConf
         "optimizer": {"param_groups": groups, "state_keys": state_keys},
         "scheduler": scheduler.state_dict(),
     }
-
-    def write(tmp: Path) -> None:
+    with atomic_directory(directory, overwrite=True) as tmp:
         model.save_pretrained(tmp, overwrite=True)
         save_file(tensors, tmp / STATE_TENSORS)
-        write_json_atomic(tmp / STATE_JSON, meta)
-
-    return _build_atomically(directory, write)
+        atomic_write_json(tmp / STATE_JSON, meta)
+    return directory
 
 
 def checkpoint_steps(out: Path) -> dict[int, Path]:
@@ -416,7 +395,6 @@ class TrainLog:
 
     def __init__(self, path: Path, keep_through_step: int):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if path.exists():
             kept = [
@@ -424,9 +402,7 @@ class TrainLog:
                 for line in path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= keep_through_step
             ]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
@@ -546,12 +522,10 @@ def train_step(model, optimizer, sampler: WindowSampler, step: int, cfg: TrainCo
 def _save_final(out: Path, model: DynaMoForCausalLM, cfg: TrainConfig) -> Path:
     """OUT/final (DynaMo, with train_config.json); for n = 1 also OUT/final-gpt-neox (transformers)."""
     model.branch_grad_scale = 1.0
-
-    def write(tmp: Path) -> None:
+    final = out / "final"
+    with atomic_directory(final, overwrite=True) as tmp:
         model.save_pretrained(tmp, overwrite=True)
-        write_json_atomic(tmp / TRAIN_CONFIG_JSON, asdict(cfg))
-
-    final = _build_atomically(out / "final", write)
+        atomic_write_json(tmp / TRAIN_CONFIG_JSON, asdict(cfg))
     if model.num_token_heads == 1:
         save_gpt_neox(model, out / "final-gpt-neox", overwrite=True)
     return final

@@ -173,7 +173,7 @@ class Decoder:
         if self.config.mode != "verify":
             return self._choose(last)
         token = sample_ar(last[0], self.history, self.config, self.rng)
-        self.draft = self._draft(last, [*self.generated, token])
+        self.draft = self._draft(last, np.append(self.history, token))
         return [token]
 
     def _choose(self, last: np.ndarray) -> list[int]:
@@ -183,7 +183,7 @@ class Decoder:
         self.stats.backoffs += result.backoffs
         return list(result.tokens)
 
-    def _draft(self, last: np.ndarray, context: list[int]) -> Draft | None:
+    def _draft(self, last: np.ndarray, context: np.ndarray) -> Draft | None:
         return draft_tokens(last[1:], context, self.config, self.rng) if self.n_heads > 1 else None
 
     def _verify(self, logits: np.ndarray, feed: list[int]) -> list[int]:
@@ -191,7 +191,7 @@ class Decoder:
         draft = self.draft
         if draft is None or not draft.tokens:
             token = sample_ar(logits[0, -1], self.history, self.config, self.rng)
-            self.draft = self._draft(logits[:, -1], [*self.generated, token])
+            self.draft = self._draft(logits[:, -1], np.append(self.history, token))
             return [token]
         first = len(feed) - len(draft.tokens) - 1  # row of head 1 that predicts the first draft
         verdict = verify_drafts(logits[0, first:], draft, self.history, self.config, self.rng)
@@ -201,7 +201,7 @@ class Decoder:
         if rejected:
             self.cache.live[-rejected:] = [0] * rejected
             self.next_position -= rejected
-        self.draft = self._draft(logits[:, first + verdict.accepted], [*self.generated, *verdict.tokens])
+        self.draft = self._draft(logits[:, first + verdict.accepted], np.append(self.history, verdict.tokens))
         return list(verdict.tokens)
 
     def _accept(self, tokens: list[int]) -> list[int]:

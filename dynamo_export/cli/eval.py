@@ -12,8 +12,9 @@ import sys
 
 import torch
 
+from dynamo_export.atomic import atomic_write_json
 from dynamo_export.errors import DynaMoError, TokenFileError
-from dynamo_export.evaluation import check_vocab, evaluate, format_table, load_eval_model, write_json_atomic
+from dynamo_export.evaluation import check_vocab, evaluate, format_table, load_eval_model
 from dynamo_export.tokens import open_tokens
 
 
@@ -48,7 +49,7 @@ def run(args) -> dict:
     print(format_table(result))
     report = {"model": str(args.model), "tokens": str(args.tokens), **result.to_json()}
     if args.json:
-        write_json_atomic(args.json, report)
+        atomic_write_json(args.json, report)
     return report
 
 
