@@ -54,9 +54,15 @@ class EvalResult:
         return math.exp(self.joint_nll / self.num_token_heads)
 
     def metrics(self) -> dict[str, float]:
-        """{"PPL_1": .., ..., "PPL_n": .., "PPL_1:n": ..}"""
+        """{"PPL_1": .., ..., "PPL_n": .., "PPL_1:2": .., ..., "PPL_1:n": ..} (the paper's Table 2 columns).
+
+        The joint over heads 1..k is the product of their marginals, so its mean
+        -log is the sum of the first k heads' NLLs; PPL_1:n uses joint_nll itself.
+        """
         n = self.num_token_heads
         out = {f"PPL_{i + 1}": p for i, p in enumerate(self.ppl_per_head)}
+        for k in range(2, n):
+            out[f"PPL_1:{k}"] = math.exp(sum(self.nll_per_head[:k]) / k)
         out[f"PPL_1:{n}"] = self.ppl_joint
         return out
 

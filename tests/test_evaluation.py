@@ -74,7 +74,8 @@ def test_head_perplexities_match_prefix_by_prefix_brute_force(tokens):
     assert result.num_positions == windows * SEQ
     assert result.nll_per_head == pytest.approx(expected, abs=1e-5)
     metrics = result.metrics()
-    assert list(metrics) == ["PPL_1", "PPL_2", "PPL_3", "PPL_1:3"]
+    assert list(metrics) == ["PPL_1", "PPL_2", "PPL_3", "PPL_1:2", "PPL_1:3"]
+    assert metrics["PPL_1:2"] == pytest.approx(math.exp(sum(expected[:2]) / 2), rel=1e-5)
     assert metrics["PPL_2"] == pytest.approx(math.exp(expected[1]), rel=1e-5)
     # J = product of marginals, so PPL_1:n is the geometric mean of the heads' perplexities.
     assert metrics["PPL_1:3"] == pytest.approx(math.exp(sum(expected) / 3), rel=1e-5)
@@ -127,7 +128,7 @@ def test_cli_prints_a_table_and_writes_json(tokens, tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     report = json.loads(out.read_text())
-    assert set(report["ppl"]) == {"PPL_1", "PPL_2", "PPL_3", "PPL_1:3"}
+    assert set(report["ppl"]) == {"PPL_1", "PPL_2", "PPL_3", "PPL_1:2", "PPL_1:3"}
     assert report["num_positions"] == 7 * SEQ and report["model"] == str(tmp_path / "t3")
     assert f"{report['ppl']['PPL_1:3']:.4f}" in printed and "PPL_3" in printed
 
