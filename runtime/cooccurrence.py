@@ -43,7 +43,9 @@ rows) for the k sorted candidates: one np.searchsorted of k*k keys. A triple gri
 finds its k*k pair entry ids and drops the pairs that start no stored triple (over 70%
 of the cells on real data at k = 50); the surviving pairs' triple rows are mostly short,
 so rows of at most 4*k entries are scanned whole against a token -> column map (cost ~
-their length) and only longer ones are binary-searched.
+their length) and only longer ones are binary-searched; only the stored triples found are
+written into the zeroed grid. The last pair grid's entry ids are kept: a sampler step that
+backs off from n = 3 to n = 2 asks for the pairs of the same candidates again.
 """
 
 from __future__ import annotations
@@ -466,6 +468,10 @@ class CooccurrenceMask:
             self._triples = _Table(matrices[3])
             # (P + 1,) bool: does pair entry r start any stored triple? The last slot answers for entry -1.
             self._pair_has_triples = np.append(np.diff(matrices[3].indptr) > 0, False)
+        # The last pair grid's ids and entry ids. A sampler step that backs off from n = 3 to 2
+        # asks for the pairs of the same two candidate lists twice; one tuple, replaced whole,
+        # so a thread sharing the mask sees a stale entry only as a miss.
+        self._last_pairs: tuple[bytes, bytes, np.ndarray] | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike, expected_vocab_size: int | None = None) -> CooccurrenceMask:
@@ -479,8 +485,7 @@ class CooccurrenceMask:
                 f"weights() takes one id array per position for orders {self.orders}, got {len(ids)}"
             )
         first, second, *third = [self._ids(x) for x in ids]
-        # k rows, mostly frequent tokens with long rows: binary search all of them.
-        pairs = self._pairs.entries(first, second)  # (k1, k2) pair entry ids, -1 if unseen
+        pairs = self._pair_entries(first, second)  # (k1, k2) pair entry ids, -1 if unseen
         if not third:
             return self._pairs.values[pairs]
         grid = self._triple_grid(pairs.ravel(), third[0])  # (k1 * k2, k3)
@@ -502,14 +507,32 @@ class CooccurrenceMask:
         pairs[self._pairs.keys[pairs] != q] = -1
         return self._triple_grid(pairs, third)
 
+    def _pair_entries(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+        """(k1, k2) pair entry ids of int64 id arrays (read-only: the cache keeps them), the
+        previous call's answer if it asked for the same ids."""
+        key = (first.tobytes(), second.tobytes())
+        last = self._last_pairs
+        if last is not None and last[:2] == key:
+            return last[2]
+        # k rows, mostly frequent tokens with long rows: binary search all of them.
+        pairs = self._pairs.entries(first, second)
+        pairs.setflags(write=False)
+        self._last_pairs = (*key, pairs)
+        return pairs
+
     def _triple_grid(self, pairs: np.ndarray, third: np.ndarray) -> np.ndarray:
         """(pairs.size, k) W(pair, third[j]) for pair entry ids (-1: unseen pair)."""
-        live = np.flatnonzero(self._pair_has_triples[pairs])  # most candidate pairs drop out here
         out = np.zeros((pairs.size, third.size), dtype=VALUE_DTYPE)
-        if live.size:
-            # Up to k*k rows, most of them short: scanning those beats searching them.
-            entries = self._triples.entries(pairs[live], third, scan_short_rows=True)
-            out[live] = self._triples.values[entries]
+        live = np.flatnonzero(self._pair_has_triples[pairs])  # most candidate pairs drop out here
+        if not live.size or not third.size:
+            return out
+        uniq, inverse = np.unique(third, return_inverse=True)
+        if uniq.size < third.size:  # repeated candidates: look each one up once
+            return self._triple_grid(pairs, uniq)[:, inverse]
+        # Only the stored triples are written: a grid of entry ids would be mostly -1 and
+        # cost more to build, reorder and gather through than the hits themselves.
+        row, col, entry = self._triples.hits(pairs[live], third)
+        out[live[row], col] = self._triples.values[entry]
         return out
 
     def _ids(self, x) -> np.ndarray:
@@ -538,31 +561,36 @@ class _Table:
         self.keys = np.append(csr.keys, _INT64_MAX)
         self.values = np.append(csr.data, VALUE_DTYPE.type(0))
 
-    def entries(self, rows: np.ndarray, cols: np.ndarray, scan_short_rows: bool = False) -> np.ndarray:
+    def entries(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """(rows.size, cols.size) int64: the entry id of (rows[i], cols[j]), -1 where nothing is stored.
 
         Rows are binary-searched for the columns (cost ~ k log nnz per row), the columns
-        sorted so that searchsorted walks the keys forwards (1.7x faster than random
-        order). With `scan_short_rows`, rows of at most _SCAN_ROW_FACTOR * k entries are
-        instead scanned whole against a token -> column map (cost ~ their length), which
-        repays its fixed cost only when there are many short rows.
+        sorted so that searchsorted walks the keys forwards (1.7x faster than random order).
         """
         order = np.argsort(cols)
         uniq = cols[order]
         if np.any(uniq[1:] == uniq[:-1]):  # repeated candidates: look each one up once
             uniq, inverse = np.unique(cols, return_inverse=True)
-            return self.entries(rows, uniq, scan_short_rows)[:, inverse]
-        if scan_short_rows:
-            starts = self.indptr[rows]
-            lengths = self.indptr[rows + 1] - starts
-            short = lengths <= _SCAN_ROW_FACTOR * uniq.size
-            out = np.full((rows.size, uniq.size), -1, dtype=np.int64)
-            self._scan(out, np.flatnonzero(short), starts[short], lengths[short], uniq)
-            long_rows = np.flatnonzero(~short)
-            out[long_rows] = self._search(rows[long_rows], uniq)
-        else:
-            out = self._search(rows, uniq)
-        return out[:, np.argsort(order)]
+            return self.entries(rows, uniq)[:, inverse]
+        return self._search(rows, uniq)[:, np.argsort(order)]
+
+    def hits(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The stored cells of the grid rows x cols, as (i, j, entry id) arrays; `cols` must be distinct.
+
+        For up to k*k rows, most of them short: rows of at most _SCAN_ROW_FACTOR * k
+        entries are scanned whole against a token -> column map (cost ~ their length),
+        the rest binary-searched as in `entries`.
+        """
+        starts = self.indptr[rows]
+        lengths = self.indptr[rows + 1] - starts
+        short = lengths <= _SCAN_ROW_FACTOR * cols.size
+        scanned = self._scan(np.flatnonzero(short), starts[short], lengths[short], cols)
+        long_rows = np.flatnonzero(~short)
+        order = np.argsort(cols)
+        found = self._search(rows[long_rows], cols[order])
+        i, j = np.nonzero(found >= 0)
+        searched = (long_rows[i], order[j], found[i, j])
+        return tuple(np.concatenate(parts) for parts in zip(scanned, searched, strict=True))
 
     def _search(self, rows: np.ndarray, uniq: np.ndarray) -> np.ndarray:
         q = rows[:, None] * self.ncols + uniq  # (rows, k), ascending within each row
@@ -571,14 +599,23 @@ class _Table:
         return pos
 
     def _scan(
-        self, out: np.ndarray, which: np.ndarray, starts: np.ndarray, lengths: np.ndarray, uniq
-    ) -> None:
-        """Fill out[which] by reading every stored entry of those rows once."""
-        column = np.full(self.ncols, -1, dtype=np.int32)  # token -> its position in uniq
-        column[uniq] = np.arange(uniq.size, dtype=np.int32)
+        self, which: np.ndarray, starts: np.ndarray, lengths: np.ndarray, cols: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(which[i], j, entry id) of every stored (row, cols[j]), reading each row's entries once."""
+        nonempty = lengths > 0
+        which, starts, lengths = which[nonempty], starts[nonempty], lengths[nonempty]
+        if not which.size:
+            return which, which, which
+        column = np.full(self.ncols, -1, dtype=np.int64)  # token -> its position in cols
+        column[cols] = np.arange(cols.size)
         offsets = np.cumsum(lengths) - lengths  # (n,) where each row begins in the concatenation
-        entry = np.arange(int(lengths.sum())) + np.repeat(starts - offsets, lengths)  # (L,) entry ids
+        # (L,) entry ids: runs starts[i], starts[i] + 1, ... as one cumsum of steps that jump to
+        # the next row's start where its run begins (np.repeat of per-row shifts costs more).
+        step = np.ones(int(offsets[-1] + lengths[-1]), dtype=np.int64)
+        step[0] = starts[0]
+        step[offsets[1:]] = starts[1:] - (starts[:-1] + lengths[:-1]) + 1
+        entry = np.cumsum(step)
         col = column[self.indices[entry]]
         hit = np.flatnonzero(col >= 0)
-        row = np.searchsorted(offsets, hit, side="right") - 1  # empty rows share an offset; take the last
-        out[which[row], col[hit]] = entry[hit]
+        row = np.searchsorted(offsets, hit, side="right") - 1
+        return which[row], col[hit], entry[hit]
