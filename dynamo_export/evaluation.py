@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dynamo_export.atomic import atomic_write_json
 from dynamo_export.checkpoint import checkpoint_kind
 from dynamo_export.config import DynaMoConfig
 from dynamo_export.errors import TokenFileError
@@ -153,6 +152,3 @@ def format_table(result: EvalResult) -> str:
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name:<{width}}  {value:>12}" for name, value in rows)
 
-
-# The reports' writer under its older name, which dynamo_export.bench.report imports from here.
-write_json_atomic = atomic_write_json

@@ -120,10 +120,10 @@ class Decoder:
         accepted = self._accept(tokens)
         self.stats.prefill_s = time.perf_counter() - start
         self.stats.first_pass_tokens = len(accepted)
+        self._check_deadline()
         yield accepted
         while not self.stats.stop_reason:
-            if self.deadline.expired:
-                raise GenerationTimeout("generation ran past its time limit and was stopped")
+            self._check_deadline()
             pass_start = time.perf_counter()
             feed = self._next_feed()
             if not feed:
@@ -141,6 +141,10 @@ class Decoder:
             self.stats.decode_sampling_s += done - sample_start
             self.stats.decode_s += done - pass_start
             yield accepted
+
+    def _check_deadline(self) -> None:
+        if self.deadline.expired:
+            raise GenerationTimeout("generation ran past its time limit and was stopped")
 
     def stop(self) -> None:
         """End the stream after the current pass (a stop string matched in the text)."""

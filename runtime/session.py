@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -204,15 +205,22 @@ class GraphSession:
 
 
 class Deadline:
-    """Terminates the in-flight ORT run when a per-call time limit passes (RunOptions.terminate)."""
+    """A per-call time limit: checked between passes, and a timer sets RunOptions.terminate
+    so that a forward pass still running when the limit passes is stopped inside ONNX Runtime.
+
+    The between-pass check reads the clock itself: the timer thread needs the GIL to fire,
+    which a fast loop may not give it before the next check.
+    """
 
     def __init__(self, seconds: float | None):
         self.run_options = ort.RunOptions()
         self._timer = None
+        self._ends_at = math.inf
         if seconds is not None:
             number = isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
             if not number or not 0 < seconds < math.inf:
                 raise InputError(f"time_limit_s={seconds!r} must be a finite number of seconds > 0, or None")
+            self._ends_at = time.monotonic() + seconds
             self._timer = threading.Timer(seconds, self._expire)
             self._timer.daemon = True
             self._timer.start()
@@ -222,7 +230,7 @@ class Deadline:
 
     @property
     def expired(self) -> bool:
-        return bool(self.run_options.terminate)
+        return bool(self.run_options.terminate) or time.monotonic() >= self._ends_at
 
     def cancel(self) -> None:
         if self._timer is not None:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +26,7 @@ from pathlib import Path
 
 import tokenizers
 
+from dynamo_export.atomic import atomic_write_json
 from dynamo_export.corpus import SPLITS, fetch_corpus, split_files
 from dynamo_export.data import tokenize_files, train_tokenizer
 from dynamo_export.errors import TokenFileError
@@ -54,7 +53,7 @@ def build_reference_data(out: Path = DEFAULT_OUT, vocab_size: int = VOCAB_SIZE) 
         with _timed(f"train tokenizer (vocab {vocab_size})"):
             train_tokenizer(split_files(corpus_dir, "train"), vocab_size, tokenizer_path)
         steps["tokenizer"] = key
-        _write_json_atomic(steps_path, steps)
+        atomic_write_json(steps_path, steps)
 
     key = {"corpus": corpus_digest, "tokenizer": _sha256(tokenizer_path.read_bytes())}
     summary = {}
@@ -65,7 +64,7 @@ def build_reference_data(out: Path = DEFAULT_OUT, vocab_size: int = VOCAB_SIZE) 
             with _timed(f"tokenize {split}"):
                 tokenize_files(tokenizer_path, split_files(corpus_dir, split), out / split)
             steps[split] = key
-            _write_json_atomic(steps_path, steps)
+            atomic_write_json(steps_path, steps)
         entries = manifest["splits"][split]
         num_bytes = sum(e["bytes"] for e in entries)
         num_tokens = read_token_meta(out / split).num_tokens
@@ -96,18 +95,6 @@ def _timed(label: str) -> Iterator[None]:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -106,3 +106,44 @@ def tiny_artifact(tiny_dynamo_dir, tiny_cooccurrence_dir, tmp_path_factory):
     return export_artifact(
         tiny_dynamo_dir, out=out, cooccurrence=tiny_cooccurrence_dir, external_data="always", progress=False
     )
+
+
+def _python_sources_text() -> str:
+    """Real English + code that ships with Python itself: no download."""
+    import argparse
+    import json as json_module
+
+    return Path(argparse.__file__).read_text() + Path(json_module.__file__).read_text()
+
+
+@pytest.fixture(scope="session")
+def bpe_models(tmp_path_factory) -> Path:
+    """A tiny random GPT-NeoX base with a real byte-level BPE tokenizer, its DynaMo-T3 conversion
+    (head_init="copy") and co-occurrence masks of the tokenizer's corpus, both exported (no verify).
+
+    Layout: tokenizer.json, tokens.{bin,json}, base/, t3/, cooc/, base-onnx/, t3-onnx/.
+    """
+    from converters.artifact import export_artifact
+    from dynamo_export import DynaMoForCausalLM
+    from dynamo_export.cooccurrence import build_cooccurrence
+    from dynamo_export.data import train_tokenizer
+    from dynamo_export.tokens import write_token_file
+
+    root = tmp_path_factory.mktemp("bpe-models")
+    text = root / "corpus.txt"
+    text.write_text(_python_sources_text())
+    tokenizer = train_tokenizer([text], 320, root / "tokenizer.json", show_progress=False)
+    ids = np.asarray(tokenizer.encode(text.read_text()).ids, dtype=np.int64)
+    write_token_file(root / "tokens", ids, vocab_size=320, eot_id=0)
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(
+        vocab_size=320, hidden_size=32, num_attention_heads=4, num_hidden_layers=3, intermediate_size=64,
+        rotary_pct=0.25, max_position_embeddings=128, eos_token_id=0, bos_token_id=0,
+    )
+    GPTNeoXForCausalLM(config).save_pretrained(root / "base")
+    (root / "base" / "tokenizer.json").write_bytes((root / "tokenizer.json").read_bytes())
+    DynaMoForCausalLM.from_gpt_neox(root / "base", num_token_heads=3, head_init="copy").save_pretrained(root / "t3")
+    build_cooccurrence(root / "tokens", root / "cooc", orders=(2, 3), workers=1, progress=False)
+    export_artifact(root / "base", out=root / "base-onnx", verify=False, progress=False)
+    export_artifact(root / "t3", out=root / "t3-onnx", cooccurrence=root / "cooc", verify=False, progress=False)
+    return root

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import GPTNeoXForCausalLM
 
-from converters.artifact import export_artifact
 from dynamo_export import DynaMoForCausalLM
 from dynamo_export.bench import latency, quality, scale
 from dynamo_export.bench.benchmark import BenchOptions
@@ -19,10 +17,7 @@ from dynamo_export.bench.latency import Call, Sample
 from dynamo_export.bench.prompts import PAPER_PROMPTS, in_domain_prompts
 from dynamo_export.bench.report import scale_markdown
 from dynamo_export.cli.bench import main
-from dynamo_export.cooccurrence import build_cooccurrence
-from dynamo_export.data import train_tokenizer
 from dynamo_export.errors import BenchError
-from dynamo_export.tokens import write_token_file
 from runtime import DynaMoRuntime, SamplingConfig
 
 PROSE = (
@@ -32,45 +27,11 @@ PROSE = (
 )
 
 
-def _corpus_text() -> str:
-    """Real English + code that ships with Python itself: no download."""
-    import argparse
-    import json as json_module
-
-    return Path(argparse.__file__).read_text() + Path(json_module.__file__).read_text()
-
-
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """A tiny random GPT-NeoX base with a BPE tokenizer, its DynaMo-T3 conversion with masks, exported."""
-    root = tmp_path_factory.mktemp("bench")
-    text = root / "corpus.txt"
-    text.write_text(_corpus_text())
-    tokenizer = train_tokenizer([text], 320, root / "tokenizer.json", show_progress=False)
-    ids = np.asarray(tokenizer.encode(text.read_text()).ids, dtype=np.int64)
-    write_token_file(root / "tokens", ids, vocab_size=320, eot_id=0)
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(
-        vocab_size=320,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_hidden_layers=3,
-        intermediate_size=64,
-        rotary_pct=0.25,
-        max_position_embeddings=128,
-        eos_token_id=0,
-        bos_token_id=0,
-    )
-    GPTNeoXForCausalLM(config).save_pretrained(root / "base")
-    (root / "base" / "tokenizer.json").write_bytes((root / "tokenizer.json").read_bytes())
-    DynaMoForCausalLM.from_gpt_neox(root / "base", num_token_heads=3, head_init="copy").save_pretrained(
-        root / "t3"
-    )
-    build_cooccurrence(root / "tokens", root / "cooc", orders=(2, 3), workers=1, progress=False)
-    export_artifact(
-        root / "t3", out=root / "t3-onnx", cooccurrence=root / "cooc", verify=False, progress=False
-    )
-    heldout = root / "heldout" / "library"
+def models(bpe_models):
+    """The shared tiny BPE models (conftest.bpe_models) plus a small held-out docs folder."""
+    root = bpe_models
+    heldout = root / "heldout" / "library"  # only this module writes into the shared folder
     heldout.mkdir(parents=True)
     (heldout / "a.rst.txt").write_text(
         f"Title\n=====\n\n.. note:: {PROSE}\n\nShort prose paragraph.\n\n{PROSE}\n\n   >>> code(1)\n"

@@ -12,9 +12,10 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from dynamo_export import DynaMoForCausalLM
+from dynamo_export.atomic import atomic_write_json
 from dynamo_export.cli.eval import main as eval_main
 from dynamo_export.errors import CheckpointError, TokenFileError
-from dynamo_export.evaluation import evaluate, load_eval_model, num_windows, write_json_atomic
+from dynamo_export.evaluation import evaluate, load_eval_model, num_windows
 from dynamo_export.tokens import open_tokens, write_token_file
 
 VOCAB = 50
@@ -157,13 +158,13 @@ def test_clear_errors(tokens, tmp_path):
 
 def test_json_is_written_atomically(tmp_path, monkeypatch):
     target = tmp_path / "eval.json"
-    write_json_atomic(target, {"old": 1})
+    atomic_write_json(target, {"old": 1})
 
     def failing_replace(src, dst):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
-        write_json_atomic(target, {"new": 2})
+        atomic_write_json(target, {"new": 2})
     assert json.loads(target.read_text()) == {"old": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]

@@ -13,13 +13,9 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import GPTNeoXForCausalLM
 
-from converters.artifact import export_artifact
 from dynamo_export import DynaMoForCausalLM
-from dynamo_export.cooccurrence import build_cooccurrence
-from dynamo_export.data import train_tokenizer
-from dynamo_export.tokens import write_token_file
 from runtime import (
     ArtifactFileError,
     DynaMoRuntime,
@@ -32,35 +28,9 @@ GREEDY = SamplingConfig(mode="ar", temperature=0.0, repetition_penalty=1.0, adap
 PROMPT = "def load(path):"
 
 
-def _corpus_text() -> str:
-    """Real English + code that ships with Python itself: no download."""
-    import argparse
-    import json as json_module
-
-    return Path(argparse.__file__).read_text() + Path(json_module.__file__).read_text()
-
-
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    """A tiny random Pythia-style base, its DynaMo-T3 conversion, masks, and both exported."""
-    root = tmp_path_factory.mktemp("runtime")
-    text = root / "corpus.txt"
-    text.write_text(_corpus_text())
-    tokenizer = train_tokenizer([text], 320, root / "tokenizer.json", show_progress=False)
-    ids = np.asarray(tokenizer.encode(text.read_text()).ids, dtype=np.int64)
-    write_token_file(root / "tokens", ids, vocab_size=320, eot_id=0)
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(
-        vocab_size=320, hidden_size=32, num_attention_heads=4, num_hidden_layers=3, intermediate_size=64,
-        rotary_pct=0.25, max_position_embeddings=96, eos_token_id=0, bos_token_id=0,
-    )
-    GPTNeoXForCausalLM(config).save_pretrained(root / "base")
-    (root / "base" / "tokenizer.json").write_bytes((root / "tokenizer.json").read_bytes())
-    DynaMoForCausalLM.from_gpt_neox(root / "base", num_token_heads=3, head_init="copy").save_pretrained(root / "t3")
-    build_cooccurrence(root / "tokens", root / "cooc", orders=(2, 3), workers=1, progress=False)
-    export_artifact(root / "base", out=root / "base-onnx", verify=False, progress=False)
-    export_artifact(root / "t3", out=root / "t3-onnx", cooccurrence=root / "cooc", verify=False, progress=False)
-    return root
+def artifacts(bpe_models):
+    return bpe_models
 
 
 @pytest.fixture(scope="module")

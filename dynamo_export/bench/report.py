@@ -6,33 +6,17 @@ derived; no figure is computed from anything but the result dictionary.
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from pathlib import Path
 
-from dynamo_export.evaluation import write_json_atomic
+from dynamo_export.atomic import atomic_write_bytes
 
 __all__ = [
     "bench_markdown",
     "plot_speedup_vs_quality",
     "scale_markdown",
-    "write_json_atomic",
-    "write_text_atomic",
 ]
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _f(value, digits: int = 2, suffix: str = "") -> str:
@@ -339,16 +323,11 @@ def plot_speedup_vs_quality(result: dict, path: str | os.PathLike) -> Path:
     axes[0].legend(fontsize=8)
     fig.suptitle(f"DynaMo speed vs quality — {Path(result['environment']['artifact']).name}")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    png = io.BytesIO()
     try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        fig.savefig(png, format="png", dpi=120)
     finally:
         plt.close(fig)
+    path = Path(path)
+    atomic_write_bytes(path, png.getvalue())
     return path

@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dynamo_export.atomic import atomic_write_json, atomic_write_text
 from dynamo_export.bench.benchmark import MODES, BenchOptions, run_benchmark
 from dynamo_export.bench.report import (
     bench_markdown,
     plot_speedup_vs_quality,
     scale_markdown,
-    write_json_atomic,
-    write_text_atomic,
 )
 from dynamo_export.bench.scale import PYTHIA, run_scale
 from dynamo_export.errors import DynaMoError
@@ -129,9 +128,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     print(markdown)
     if args.json:
-        write_json_atomic(args.json, result)
+        atomic_write_json(args.json, result)
     if args.markdown:
-        write_text_atomic(args.markdown, markdown)
+        atomic_write_text(args.markdown, markdown)
 
 
 if __name__ == "__main__":
