@@ -203,7 +203,7 @@ class Decoder:
         self.stats.accepted += verdict.accepted
         rejected = len(draft.tokens) - verdict.accepted
         if rejected:
-            self.cache.live[-rejected:] = [0] * rejected
+            self.cache.live[-rejected:] = bytes(rejected)
             self.next_position -= rejected
         self.draft = self._draft(logits[:, first + verdict.accepted], np.append(self.history, verdict.tokens))
         return list(verdict.tokens)

@@ -52,7 +52,7 @@ class KVCache:
 
     keys: list
     values: list
-    live: list[int] = field(default_factory=list)  # 1 = a real token, 0 = a rejected draft's slot
+    live: bytearray = field(default_factory=bytearray)  # 1 = a real token, 0 = a rejected draft's slot
 
     @property
     def slots(self) -> int:
@@ -145,7 +145,7 @@ class GraphSession:
         if self.provider == "cuda":
             keys = [self._to_device(k) for k in keys]
             values = [self._to_device(v) for v in values]
-        return KVCache(keys, values, [])
+        return KVCache(keys, values, bytearray())
 
     def _to_device(self, array: np.ndarray):
         return ort.OrtValue.ortvalue_from_numpy(array, "cuda", self._device_id)
@@ -160,7 +160,9 @@ class GraphSession:
         """Feed `tokens` at `positions`; returns logits (n_heads, len(tokens), vocab) and grows `cache`."""
         input_ids = np.asarray([tokens], dtype=np.int64)  # (1, T)
         position_ids = np.asarray([positions], dtype=np.int64)  # (1, T)
-        attention_mask = np.asarray([[*cache.live, *([1] * len(tokens))]], dtype=np.int64)  # (1, past+T)
+        # One C-level conversion per pass instead of unpacking a Python list as long as the context.
+        live = np.frombuffer(bytes(cache.live) + b"\x01" * len(tokens), dtype=np.uint8)
+        attention_mask = live.astype(np.int64)[None]  # (1, past+T)
         try:
             if self.provider == "cuda":
                 logits = self._forward_bound(cache, input_ids, attention_mask, position_ids, run_options)
@@ -170,7 +172,7 @@ class GraphSession:
             if run_options is not None and run_options.terminate:
                 raise GenerationTimeout("generation ran past its time limit and was stopped") from exc
             raise
-        cache.live.extend([1] * len(tokens))
+        cache.live.extend(b"\x01" * len(tokens))
         return logits[0]  # (n_heads, T, V)
 
     def _forward_cpu(self, cache, input_ids, attention_mask, position_ids, run_options):

@@ -116,7 +116,7 @@ def step_times(artifact: Path, threads: int | None, provider: str, repeats: int)
         times = []
         for i in range(repeats + 2):  # two warm-up passes
             # forward() replaces the cache's arrays and never writes into them: a shallow copy is a fresh cache.
-            fresh = KVCache(list(cache.keys), list(cache.values), list(cache.live))
+            fresh = KVCache(list(cache.keys), list(cache.values), bytearray(cache.live))
             start = time.perf_counter()
             session.forward(fresh, tokens, positions)
             if i >= 2:
