@@ -23,6 +23,7 @@ Three eps_b settings span the work of Algorithm 1:
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -49,14 +50,15 @@ class StubMasks:
 
     def __init__(self, seed: int = 0) -> None:
         self._rng = np.random.default_rng(seed)
-        self._grids: dict[tuple[int, ...], np.ndarray] = {}
+        self._grids: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
 
-    def weights(self, ids):
+    def hits(self, ids):
         shape = tuple(len(x) for x in ids)
         if shape not in self._grids:
             density = 0.3 if len(shape) == 2 else 0.1
-            seen = self._rng.random(shape) < density
-            self._grids[shape] = (seen * self._rng.lognormal(0.0, 1.0, shape)).astype(np.float32)
+            seen = self._rng.random(math.prod(shape)) < density
+            cells = np.flatnonzero(seen)
+            self._grids[shape] = (cells, self._rng.lognormal(0.0, 1.0, cells.size).astype(np.float32))
         return self._grids[shape]
 
 

@@ -306,7 +306,10 @@ def _read_meta(root: Path) -> CooccurrenceMeta:
         raise CooccurrenceFileError(f"{path} is larger than {MAX_META_BYTES} bytes; it is not a {META_NAME}")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError; RecursionError: deep nesting
+    except (
+        ValueError,
+        RecursionError,
+    ) as exc:  # UnicodeDecodeError is a ValueError; RecursionError: deep nesting
         raise CooccurrenceFileError(f"{path} is not valid JSON ({exc}); {_REBUILD}") from exc
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
         raise CooccurrenceFileError(f"{path} is not a {FORMAT_NAME} header")
@@ -480,16 +483,36 @@ class CooccurrenceMask:
 
     def weights(self, ids: Sequence[np.ndarray]) -> np.ndarray:
         """W over the grid of candidates: 2 id arrays -> (k1, k2), 3 -> (k1, k2, k3), float32."""
+        cells, values = self.hits(ids)
+        grid = np.zeros(tuple(np.asarray(x).size for x in ids), dtype=VALUE_DTYPE)
+        grid.reshape(-1)[cells] = values
+        return grid
+
+    def hits(self, ids: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The stored n-grams of the candidate grid: (flat C-order cell ids, ascending; W there, float32).
+
+        The sampler's form: a 50**3 grid holds a few thousand stored triples, and work on
+        those alone is what keeps a sampling step cheap next to a forward pass.
+        """
         if len(ids) not in self.orders:
             raise InputError(
-                f"weights() takes one id array per position for orders {self.orders}, got {len(ids)}"
+                f"lookups take one id array per position for orders {self.orders}, got {len(ids)}"
             )
         first, second, *third = [self._ids(x) for x in ids]
-        pairs = self._pair_entries(first, second)  # (k1, k2) pair entry ids, -1 if unseen
+        pairs = self._pair_entries(first, second).reshape(-1)  # (k1 * k2,) pair entry ids, -1 if unseen
         if not third:
-            return self._pairs.values[pairs]
-        grid = self._triple_grid(pairs.ravel(), third[0])  # (k1 * k2, k3)
-        return grid.reshape(first.size, second.size, third[0].size)
+            cells = np.flatnonzero(pairs >= 0)
+            return cells, self._pairs.values[pairs[cells]]
+        third = third[0]
+        uniq, inverse = np.unique(third, return_inverse=True)
+        if uniq.size < third.size:  # repeated candidates: look each one up once (top-k never repeats)
+            grid = self._triple_grid(pairs, uniq)[:, inverse].reshape(-1)
+            cells = np.flatnonzero(grid)
+            return cells, grid[cells]
+        row, col, values = self._stored_triples(pairs, third)
+        cells = row * third.size + col
+        order = np.argsort(cells)
+        return cells[order], values[order]
 
     def triple_weights_for_pairs(
         self, first: np.ndarray, second: np.ndarray, third: np.ndarray
@@ -523,17 +546,25 @@ class CooccurrenceMask:
     def _triple_grid(self, pairs: np.ndarray, third: np.ndarray) -> np.ndarray:
         """(pairs.size, k) W(pair, third[j]) for pair entry ids (-1: unseen pair)."""
         out = np.zeros((pairs.size, third.size), dtype=VALUE_DTYPE)
-        live = np.flatnonzero(self._pair_has_triples[pairs])  # most candidate pairs drop out here
-        if not live.size or not third.size:
-            return out
         uniq, inverse = np.unique(third, return_inverse=True)
         if uniq.size < third.size:  # repeated candidates: look each one up once
             return self._triple_grid(pairs, uniq)[:, inverse]
-        # Only the stored triples are written: a grid of entry ids would be mostly -1 and
+        row, col, values = self._stored_triples(pairs, third)
+        out[row, col] = values
+        return out
+
+    def _stored_triples(
+        self, pairs: np.ndarray, third: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(i, j, W) of every stored triple (pair i, third[j]); `third` must be distinct."""
+        live = np.flatnonzero(self._pair_has_triples[pairs])  # most candidate pairs drop out here
+        if not live.size or not third.size:
+            empty = np.empty(0, dtype=np.int64)
+            return empty, empty, np.empty(0, dtype=VALUE_DTYPE)
+        # Only the stored triples are gathered: a grid of entry ids would be mostly -1 and
         # cost more to build, reorder and gather through than the hits themselves.
         row, col, entry = self._triples.hits(pairs[live], third)
-        out[live[row], col] = self._triples.values[entry]
-        return out
+        return live[row], col, self._triples.values[entry]
 
     def _ids(self, x) -> np.ndarray:
         ids = np.asarray(x)

@@ -15,6 +15,9 @@ together). k is capped at the vocabulary size.
 Joint over heads 1..n, for a cell c = (c_1, ..., c_n) of the grid:
     R(c) = f_1(c_1) * ... * f_n(c_n) * W(c) ** alpha_c
     J(c) = R(c) * M / sum_grid R,      M = prod_i sum_topk f_i  (= sum_grid f_1 * ... * f_n)
+(the product rounded as ((f_1 f_2) ...) f_n, then times W; sum_grid R is numpy's sum of
+the positive cells of R taken in C order, so a sum over the stored n-grams alone is
+bit for bit the whole grid's)
 W is the co-occurrence weight of the n-gram (pairs for n = 2, triples for n = 3).
 Scaling to M is how the weights "redistribute mass inside the candidate grid
 and do not create it": J carries exactly the probability the plain product of
@@ -89,9 +92,10 @@ class CooccurrenceWeights(Protocol):
 
     orders: tuple[int, ...]  # n-gram lengths it holds weights for, e.g. (2, 3)
 
-    def weights(self, ids: Sequence[np.ndarray]) -> np.ndarray:
-        """W over the grid of candidate ids, shape (len(ids[0]), ..., len(ids[-1])), >= 0:
-        W = p(n-gram) / prod p(unigram), 0 for an unseen n-gram; len(ids) is one of `orders`.
+    def hits(self, ids: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The cells of the grid of candidate ids, shape (len(ids[0]), ..., len(ids[-1])), whose
+        n-gram was seen: (flat C-order cell indices, strictly ascending; W there, > 0), with
+        W = p(n-gram) / prod p(unigram); every other cell has W = 0. len(ids) is one of `orders`.
         """
 
 
@@ -170,9 +174,10 @@ def binomial_kernel(size: int) -> np.ndarray:
 class _Joint:
     """J over a grid of `shape`, in one of two forms.
 
-    Dense (`cells` is None): `values` is the whole grid. Sparse (after Otsu, which
-    usually keeps a few dozen of 125k cells): `cells` are the flat C-order indices of
-    the cells Otsu kept, ascending, `values` J there, and every other cell is 0.
+    Dense (`cells` is None): `values` is the whole grid. Sparse (a weighted J lives on
+    the stored n-grams, a few thousand of 125k cells, and Otsu keeps a few dozen of
+    those): `cells` are flat C-order cell indices, ascending, `values` J there, and
+    every other cell is 0.
     """
 
     shape: tuple[int, ...]
@@ -180,7 +185,7 @@ class _Joint:
     cells: np.ndarray | None = None
 
     def peak(self) -> float:
-        return float(self.values.max())
+        return float(self.values.max()) if self.values.size else 0.0
 
     def draw(self, greedy: bool, rng: np.random.Generator) -> int:
         """Flat index of the drawn cell (see `_draw`): the same cell in either form, up to rounding."""
@@ -212,7 +217,7 @@ class DynamicSampler:
     """
 
     def __init__(self) -> None:
-        self._scratch: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
+        self._scratch: dict[str, np.ndarray] = {}
 
     def step(
         self,
@@ -266,36 +271,124 @@ class DynamicSampler:
         bound: float,
     ) -> _Joint | None:
         """J if min(max J, 1) > bound, else None -- decided as early as the work allows."""
-        shape = tuple(t.ids.size for t in topks)
-        weighted = masks is not None and config.alpha_c > 0 and len(topks) in masks.orders
-        # Without weights the grid's largest cell is the product of the heads' largest
-        # probabilities, to the last bit (rounding is monotone).
-        if not weighted and min(math.prod(float(t.probs.max()) for t in topks), 1.0) <= bound:
+        if masks is not None and config.alpha_c > 0 and len(topks) in masks.orders:
+            joint = self._weighted_joint(topks, masks, config, bound)
+        else:
+            joint = self._product_joint(topks, config, bound)
+        if joint is None:
             return None
-
-        grid = self._buffer("joint", shape)
-        _outer(grid, [t.probs for t in topks])  # (k_1, ..., k_n)
-        if weighted:
-            weights = masks.weights([t.ids for t in topks])
-            _check_weights(weights, grid.shape)
-            if config.alpha_c != 1:  # in float64: masks may store float32
-                weights = np.power(weights, config.alpha_c, dtype=np.float64)
-            grid *= weights
-            mass = math.prod(float(t.probs.sum()) for t in topks)
-            total = grid.sum()
-            peak = 0.0  # sum R = 0: every cell is masked and J = 0
-            if total > 0:
-                scale = mass / total
-                peak = grid.max() * scale  # the largest of grid * scale: rounding is monotone
-                grid *= scale
-            if min(peak, 1.0) <= bound:
-                return None
-        if config.static_threshold > 0:
-            grid[grid < config.static_threshold] = 0.0
-        joint = self._otsu(grid, config.blur) if config.adaptive else _Joint(shape, grid)
         if config.repetition_penalty != 1 and token_set.size:
             _penalise(joint, topks, token_set, config.repetition_penalty)
         return joint if min(joint.peak(), 1.0) > bound else None
+
+    def _product_joint(self, topks: Sequence[TopK], config: SamplingConfig, bound: float) -> _Joint | None:
+        """J = the product of marginals over the whole grid, thresholded; None if it cannot beat `bound`."""
+        shape = tuple(t.ids.size for t in topks)
+        # The grid's largest cell is the product of the heads' largest probabilities, to the
+        # last bit (rounding is monotone), and the thresholds only lower cells.
+        if min(math.prod(float(t.probs.max()) for t in topks), 1.0) <= bound:
+            return None
+        grid = self._buffer("joint", shape)
+        _outer(grid, [t.probs for t in topks])  # (k_1, ..., k_n)
+        if config.static_threshold > 0:
+            grid[grid < config.static_threshold] = 0.0
+        return self._otsu(grid, config.blur) if config.adaptive else _Joint(shape, grid)
+
+    def _weighted_joint(
+        self, topks: Sequence[TopK], masks: CooccurrenceWeights, config: SamplingConfig, bound: float
+    ) -> _Joint | None:
+        """J over the stored n-grams alone (every other cell is 0), thresholded; None if it cannot beat `bound`.
+
+        Each cell is rounded as on the whole grid: ((f_1 f_2) ...) f_n, then times W.
+        """
+        shape = tuple(t.ids.size for t in topks)
+        mass = math.prod(float(t.probs.sum()) for t in topks)
+        # J <= mass in every cell (J scales R, whose cells each hold at most sum R, to mass):
+        # past a rounding margin no lookup can lift it over the bound.
+        if min(mass * (1 + 1e-9), 1.0) <= bound:
+            return None
+        cells, weights = masks.hits([t.ids for t in topks])
+        _check_hits(cells, weights, shape)
+        if config.alpha_c != 1:  # in float64: masks may store float32
+            weights = np.power(weights, config.alpha_c, dtype=np.float64)
+        lead = topks[0].probs
+        for t in topks[1:-1]:
+            lead = np.multiply.outer(lead, t.probs)
+        values = lead.reshape(-1)[cells // shape[-1]] * topks[-1].probs[cells % shape[-1]]
+        values *= weights
+        total = values[values > 0].sum()  # the positive cells in C order, numpy's pairwise sum
+        if not total > 0:  # every cell masked (or underflowed): J = 0
+            return None if bound >= 0 else _Joint(shape, np.zeros(0), cells[:0])
+        scale = mass / total
+        peak = values.max() * scale  # the largest of values * scale: rounding is monotone
+        if min(peak, 1.0) <= bound:
+            return None
+        values *= scale
+        if config.static_threshold > 0:
+            values[values < config.static_threshold] = 0.0
+        if not config.adaptive:
+            return _Joint(shape, values, cells)
+        return self._sparse_otsu(shape, cells, values, config.blur)
+
+    def _sparse_otsu(
+        self, shape: tuple[int, ...], cells: np.ndarray, values: np.ndarray, blur: int
+    ) -> _Joint:
+        """`_otsu` of a J that is 0 outside `cells`, working near its largest cells only.
+
+        Cells that can leave Otsu's bin 0 have B >= max B / 512 (at least half a bin up from
+        min B = 0, which some cell holds when the live cells' neighbourhoods cannot cover
+        the grid). With a blur of radius r, B(x) <= ratio * (largest J within r of x) and
+        max B >= centre * max J, so such cells lie within r of a cell with J >= max J /
+        (512 * ratio / centre), a margin of 2 kept against rounding. The blur runs on the
+        box around those cells widened by r, plus r more so that the cropped borders
+        (mirrored as if they were the grid's) reach no cell of the inner box; blurring
+        adds the same terms in the same order per cell, so B there is bit for bit the
+        whole grid's.
+        """
+        positive = values > 0
+        radius = blur // 2 if blur > 1 else 0
+        if not positive.any():  # J = 0: a constant B keeps everything
+            return _Joint(shape, values[:0], cells[:0])
+        if np.count_nonzero(positive) * (2 * radius + 1) ** len(shape) >= math.prod(shape):
+            grid = self._buffer("joint", shape)  # min B may be above 0: the whole grid it is
+            grid.fill(0.0)
+            grid.reshape(-1)[cells] = values
+            return self._otsu(grid, blur)
+        # Per axis, sum of the kernel over its centre: 2 ** (blur - 1) / C(blur - 1, r).
+        spread = (2.0 ** (blur - 1) / math.comb(blur - 1, radius) if radius else 1.0) ** len(shape)
+        floor = values.max() / (2 * 2 * OTSU_BINS * spread)
+        near = np.unravel_index(cells[values >= floor], shape)
+        inner = [
+            (max(int(c.min()) - radius, 0), min(int(c.max()) + radius + 1, n))
+            for c, n in zip(near, shape, strict=True)
+        ]
+        crop = [(max(a - radius, 0), min(b + radius, n)) for (a, b), n in zip(inner, shape, strict=True)]
+        box = self._buffer("crop", tuple(b - a for a, b in crop))
+        box.fill(0.0)
+        coords = np.unravel_index(cells, shape)
+        inside = np.ones(cells.size, dtype=bool)
+        for c, (a, b) in zip(coords, crop, strict=True):
+            inside &= (c >= a) & (c < b)
+        local = tuple(c[inside] - a for c, (a, _) in zip(coords, crop, strict=True))
+        box[local] = values[inside]
+        blurred = self._blurred(box, blur)[
+            tuple(slice(a - ca, b - ca) for (a, b), (ca, _) in zip(inner, crop, strict=True))
+        ]
+        hi = blurred.max()
+        scale = OTSU_BINS / (hi - 0.0)  # min B = 0
+        candidates = np.flatnonzero(blurred >= 0.0 + 0.5 / scale)
+        bins = _bins(blurred.reshape(-1)[candidates], 0.0, scale)
+        counts = np.bincount(bins, minlength=OTSU_BINS)
+        counts[0] += math.prod(shape) - candidates.size
+        kept_local = np.unravel_index(candidates[bins > otsu_split(counts)], blurred.shape)
+        kept = np.ravel_multi_index(
+            tuple(c + a for c, (a, _) in zip(kept_local, inner, strict=True)), shape
+        )  # ascending: a C-order walk of a box is one of the grid
+        box_values = box[
+            tuple(c + a - ca for c, (a, _), (ca, _) in zip(kept_local, inner, crop, strict=True))
+        ]
+        live = box_values > 0
+        return _Joint(shape, box_values[live], kept[live])
 
     def _otsu(self, grid: np.ndarray, blur: int) -> _Joint:
         """J with the cells that Otsu's threshold on the (blurred) grid puts in the low class zeroed."""
@@ -339,11 +432,13 @@ class DynamicSampler:
         return blurred
 
     def _buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        # Keyed by shape too: a step that backs off from n = 3 to 2 needs both grids every time.
-        key = (name, shape)
-        if key not in self._scratch:
-            self._scratch[key] = np.empty(shape, dtype=np.float64)
-        return self._scratch[key]
+        """A C-contiguous scratch array of `shape`: a view of one flat array per name, grown on demand
+        (crops come in many shapes; a buffer per shape would pile up over a long generation)."""
+        size = math.prod(shape)
+        flat = self._scratch.get(name)
+        if flat is None or flat.size < size:
+            flat = self._scratch[name] = np.empty(max(size, 1), dtype=np.float64)
+        return flat[:size].reshape(shape)
 
 
 def _blur3_twice(src: np.ndarray, out: np.ndarray, axis: int) -> None:
@@ -502,11 +597,16 @@ def _check_logits(logits: np.ndarray) -> np.ndarray:
     return logits
 
 
-def _check_weights(weights: np.ndarray, shape: tuple[int, ...]) -> None:
-    if weights.shape != shape:
+def _check_hits(cells: np.ndarray, weights: np.ndarray, shape: tuple[int, ...]) -> None:
+    size = math.prod(shape)
+    if (
+        cells.ndim != 1
+        or weights.shape != cells.shape
+        or (cells.size and (cells[0] < 0 or cells[-1] >= size or np.any(cells[1:] <= cells[:-1])))
+    ):
         raise SamplingError(
-            f"co-occurrence weights have shape {weights.shape}, the candidate grid is {shape}: "
-            "weights(ids) must return one value per n-gram of the given candidate ids"
+            f"co-occurrence hits must be strictly ascending cell ids in [0, {size}) of the {shape} "
+            f"candidate grid with one weight each; got {cells.size} cells and weights of shape {weights.shape}"
         )
 
 

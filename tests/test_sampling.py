@@ -44,6 +44,11 @@ class DenseMasks:
     def weights(self, ids):
         return self.tables[len(ids)][np.ix_(*ids)].astype(np.float32)  # stored as the real masks are
 
+    def hits(self, ids):
+        grid = self.weights(ids).reshape(-1)
+        cells = np.flatnonzero(grid)
+        return cells, grid[cells]
+
 
 def random_masks(rng: np.random.Generator, vocab: int, density: float) -> DenseMasks:
     def table(shape):
@@ -173,7 +178,7 @@ def whole_grid_joint(topks, generated, masks, config):
             weights = np.power(weights, config.alpha_c, dtype=np.float64)
         mass = np.prod([t.probs.sum() for t in topks])
         grid = grid * weights
-        total = grid.sum()
+        total = grid[grid > 0].sum()
         if total > 0:
             grid *= mass / total
     grid[grid < config.static_threshold] = 0.0
@@ -635,9 +640,13 @@ def test_non_finite_logits_and_bad_shapes_are_errors():
     with pytest.raises(SamplingError, match="n_heads, vocab"):
         sampler.step(np.zeros(10, np.float32), [], None, SamplingConfig(), rng)
     wrong = DenseMasks(np.ones((10, 10)))
-    wrong.weights = lambda ids: np.ones((2, 2))
-    with pytest.raises(SamplingError, match="candidate grid"):
-        sampler.step(np.zeros((2, 10), np.float32), [], wrong, SamplingConfig(top_k=3), rng)
+    for cells in ([0, 9], [2, 1], [1, 1], [-1, 2]):  # off the 3 x 3 grid, descending, repeated, negative
+        wrong.hits = lambda ids, cells=cells: (np.array(cells), np.ones(2, np.float32))
+        with pytest.raises(SamplingError, match="candidate grid"):
+            sampler.step(np.zeros((2, 10), np.float32), [], wrong, SamplingConfig(top_k=3, eps_b=0.0), rng)
+    wrong.hits = lambda ids: (np.array([0, 1]), np.ones(3, np.float32))
+    with pytest.raises(SamplingError, match="one weight each"):
+        sampler.step(np.zeros((2, 10), np.float32), [], wrong, SamplingConfig(top_k=3, eps_b=0.0), rng)
 
 
 # --- config ------------------------------------------------------------------------------------
