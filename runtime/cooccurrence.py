@@ -64,6 +64,7 @@ import numpy as np
 import scipy.sparse
 
 from runtime.errors import CooccurrenceFileError, InputError
+from runtime.native import CsrTables
 
 FORMAT_NAME = "dynamo-cooccurrence"
 FORMAT_VERSION = 1
@@ -513,6 +514,14 @@ class CooccurrenceMask:
         cells = row * third.size + col
         order = np.argsort(cells)
         return cells[order], values[order]
+
+    def csr_tables(self) -> CsrTables:
+        """The CSR arrays behind the lookups, as the compiled sampler reads them."""
+        if 3 in self.orders:
+            triples = (self._triples.indptr, self._triples.indices, self._triples.values[:-1])
+        else:
+            triples = (np.zeros(1, dtype=np.int64), np.empty(0, INDEX_DTYPE), np.empty(0, VALUE_DTYPE))
+        return CsrTables(self._pairs.indptr, self._pairs.indices, self._pairs.values[:-1], *triples)
 
     def triple_weights_for_pairs(
         self, first: np.ndarray, second: np.ndarray, third: np.ndarray

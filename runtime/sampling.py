@@ -15,9 +15,9 @@ together). k is capped at the vocabulary size.
 Joint over heads 1..n, for a cell c = (c_1, ..., c_n) of the grid:
     R(c) = f_1(c_1) * ... * f_n(c_n) * W(c) ** alpha_c
     J(c) = R(c) * M / sum_grid R,      M = prod_i sum_topk f_i  (= sum_grid f_1 * ... * f_n)
-(the product rounded as ((f_1 f_2) ...) f_n, then times W; sum_grid R is numpy's sum of
-the positive cells of R taken in C order, so a sum over the stored n-grams alone is
-bit for bit the whole grid's)
+(the product rounded as ((f_1 f_2) ...) f_n, then times W; sum_grid R is the running
+sum over the cells in C order, which zeros leave unchanged, so a sum over the stored
+n-grams alone is bit for bit the whole grid's)
 W is the co-occurrence weight of the n-gram (pairs for n = 2, triples for n = 3).
 Scaling to M is how the weights "redistribute mass inside the candidate grid
 and do not create it": J carries exactly the probability the plain product of
@@ -72,6 +72,7 @@ from typing import Protocol
 import numpy as np
 from scipy.ndimage import correlate1d
 
+from runtime import native
 from runtime.config import SamplingConfig
 from runtime.errors import SamplingError
 
@@ -113,26 +114,35 @@ class StepResult:
     backoffs: int  # times n was lowered before emitting (n_heads - len(tokens))
 
 
-def head_topk(logits_row: np.ndarray, top_k: int, temperature: float) -> TopK:
+def head_topk(logits_row: np.ndarray, top_k: int, temperature: float, use_native: bool = True) -> TopK:
     """Head's top-k tokens (descending logit, ties by id) with their softmax(logits / T) probabilities."""
-    return heads_topk(np.asarray(logits_row)[None], top_k, temperature)[0]
+    return heads_topk(np.asarray(logits_row)[None], top_k, temperature, use_native)[0]
 
 
-def heads_topk(logits: np.ndarray, top_k: int, temperature: float) -> list[TopK]:
-    """`head_topk` of every row of (heads, vocab) `logits`, with one softmax over them all."""
+def heads_topk(logits: np.ndarray, top_k: int, temperature: float, use_native: bool = True) -> list[TopK]:
+    """`head_topk` of every row of (heads, vocab) `logits`, with one softmax over them all.
+
+    The compiled kernel (runtime/native.py) finds the top k in one call where numpy takes a
+    dozen, and divides the same numbers; `use_native=False` keeps to numpy.
+    """
+    logits = np.asarray(logits)
+    k = min(top_k, logits.shape[1])
     tops = logits.max(axis=1)
     if not np.all(np.isfinite(tops)):
         bad = tops[~np.isfinite(tops)][0]
         raise SamplingError(f"logits contain NaN or +inf (max is {bad}); the model output is unusable")
     # (heads, V) float64: float32 would move probabilities by 1e-7, enough to shift Otsu bins and
-    # eps_b decisions. Row sums round as 1-D sums do (numpy reduces each contiguous row alike).
+    # eps_b decisions.
     scaled = logits.astype(np.float64)  # exact; then the very subtraction of float64 values
     scaled -= tops[:, None]
     if temperature != 1:
         scaled /= temperature
     np.exp(scaled, out=scaled)
-    totals = scaled.sum(axis=1)
-    k = min(top_k, logits.shape[1])
+    totals = scaled.sum(axis=1)  # rows reduce as 1-D sums do (numpy sums each contiguous row alike)
+    if use_native and native.AVAILABLE:
+        found = native.topk_ids(logits, k, scaled, totals)
+        if found is not None:
+            return [TopK(ids, probs) for ids, probs in zip(*found, strict=True)]
     return [
         TopK(ids, weights[ids] / total)
         for ids, weights, total in zip(_topk_ids(logits, k), scaled, totals, strict=True)
@@ -216,8 +226,10 @@ class DynamicSampler:
     those alone (the draw with the reference's own running sum).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, use_native: bool = True) -> None:
+        """`use_native=False` keeps to numpy where the compiled joint (runtime/native.py) would serve."""
         self._scratch: dict[str, np.ndarray] = {}
+        self._native = native.NativeJoint() if use_native and native.AVAILABLE else None
 
     def step(
         self,
@@ -237,7 +249,7 @@ class DynamicSampler:
         temperature = config.temperature or 1.0
         # eps_b = 1 can never emit more than one token: skip building the grids.
         used = n_heads if config.eps_b < 1 else 1
-        topks = heads_topk(logits[:used], config.top_k, temperature)
+        topks = heads_topk(logits[:used], config.top_k, temperature, self._native is not None)
         for n in range(used, 1, -1):
             joint = self._joint_above(topks[:n], token_set, masks, config, config.eps_b ** (n - 1))
             if joint is not None:
@@ -307,6 +319,20 @@ class DynamicSampler:
         # past a rounding margin no lookup can lift it over the bound.
         if min(mass * (1 + 1e-9), 1.0) <= bound:
             return None
+        if native.supports(len(shape), math.prod(shape), config.alpha_c, config.adaptive, config.blur) and (
+            self._native is not None and hasattr(masks, "csr_tables")
+        ):
+            found = self._native.joint(
+                [t.ids for t in topks],
+                [t.probs for t in topks],
+                masks.csr_tables(),
+                mass,
+                bound,
+                config.static_threshold,
+                config.adaptive,
+                config.blur,
+            )
+            return None if found is None else _Joint(shape, found[1], found[0])
         cells, weights = masks.hits([t.ids for t in topks])
         _check_hits(cells, weights, shape)
         if config.alpha_c != 1:  # in float64: masks may store float32
@@ -316,7 +342,7 @@ class DynamicSampler:
             lead = np.multiply.outer(lead, t.probs)
         values = lead.reshape(-1)[cells // shape[-1]] * topks[-1].probs[cells % shape[-1]]
         values *= weights
-        total = values[values > 0].sum()  # the positive cells in C order, numpy's pairwise sum
+        total = float(np.cumsum(values)[-1]) if values.size else 0.0  # the running sum in C order
         if not total > 0:  # every cell masked (or underflowed): J = 0
             return None if bound >= 0 else _Joint(shape, np.zeros(0), cells[:0])
         scale = mass / total

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import math
-from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -17,7 +16,6 @@ from scipy.ndimage import correlate1d
 
 from runtime import reference
 from runtime.config import SamplingConfig
-from runtime.cooccurrence import CooccurrenceMask, save_cooccurrence
 from runtime.errors import SamplingConfigError, SamplingError
 from runtime.sampling import (
     Draft,
@@ -30,31 +28,9 @@ from runtime.sampling import (
     sample_ar,
     verify_drafts,
 )
+from tests.sampling_definitions import DenseMasks, csr_masks, outer, random_masks, whole_grid_joint
 
 PLAIN = SamplingConfig(temperature=1.0, repetition_penalty=1.0, adaptive=False, blur=0)
-
-
-class DenseMasks:
-    """Co-occurrence weights backed by dense (V, V) and (V, V, V) arrays."""
-
-    def __init__(self, pair: np.ndarray, triple: np.ndarray | None = None) -> None:
-        self.tables = {2: pair} if triple is None else {2: pair, 3: triple}
-        self.orders = tuple(self.tables)
-
-    def weights(self, ids):
-        return self.tables[len(ids)][np.ix_(*ids)].astype(np.float32)  # stored as the real masks are
-
-    def hits(self, ids):
-        grid = self.weights(ids).reshape(-1)
-        cells = np.flatnonzero(grid)
-        return cells, grid[cells]
-
-
-def random_masks(rng: np.random.Generator, vocab: int, density: float) -> DenseMasks:
-    def table(shape):
-        return (rng.random(shape) < density) * rng.uniform(0.1, 5.0, shape)
-
-    return DenseMasks(table((vocab, vocab)), table((vocab, vocab, vocab)))
 
 
 class FakeModel:
@@ -73,11 +49,6 @@ class FakeModel:
                 logits[head, (key[-1] + head + 1) % self.vocab] += 2.0
             self._cache[key] = logits.astype(np.float32)
         return self._cache[key]
-
-
-def outer(vectors):
-    """v_1 (x) v_2 (x) ... as ((v_1 * v_2) * v_3) ..."""
-    return functools.reduce(np.multiply, np.ix_(*vectors))
 
 
 # --- fast == reference ------------------------------------------------------------------------
@@ -167,56 +138,6 @@ def test_topk_matches_reference_including_ties(vocab, top_k, kind, seed):
 # back-off, the [1, 2, 1] blur by slices, Otsu binning only the cells that can leave bin 0, a
 # sparse tail) matter most. These tests hold it to the same definition written as plain
 # whole-grid numpy and scipy, bit for bit.
-
-
-def whole_grid_joint(topks, generated, masks, config):
-    """J of Algorithm 1 computed on every cell: scipy's blur, all cells binned, exact Otsu split."""
-    grid = outer([t.probs for t in topks])
-    if masks is not None and config.alpha_c > 0 and len(topks) in masks.orders:
-        weights = masks.weights([t.ids for t in topks])
-        if config.alpha_c != 1:
-            weights = np.power(weights, config.alpha_c, dtype=np.float64)
-        mass = np.prod([t.probs.sum() for t in topks])
-        grid = grid * weights
-        total = grid[grid > 0].sum()
-        if total > 0:
-            grid *= mass / total
-    grid[grid < config.static_threshold] = 0.0
-    if config.adaptive:
-        blurred = grid
-        if config.blur > 1:
-            kernel = np.array([math.comb(config.blur - 1, j) for j in range(config.blur)]) / 2.0 ** (
-                config.blur - 1
-            )
-            for axis in range(grid.ndim):
-                blurred = correlate1d(blurred, kernel, axis=axis, mode="mirror")
-        lo, hi = blurred.min(), blurred.max()
-        if hi > lo:
-            bins = np.minimum(((blurred - lo) * (256 / (hi - lo))).astype(np.int64), 255)
-            grid[bins <= exact_otsu_split(np.bincount(bins.ravel(), minlength=256))] = 0.0
-    for axis, t in enumerate(topks):  # once per axis whose candidate was generated
-        repeated = np.isin(t.ids, np.asarray(generated))
-        if config.repetition_penalty != 1 and repeated.any():
-            grid /= np.where(repeated, config.repetition_penalty, 1.0).reshape(
-                (-1,) + (1,) * (grid.ndim - axis - 1)
-            )
-    return grid
-
-
-def exact_otsu_split(counts):
-    """First split maximising n0 * n1 * (mu0 - mu1)^2, in exact rationals over the occupied bins."""
-    best, best_score = None, None
-    occupied = [b for b in range(len(counts)) if counts[b]]
-    for split in occupied[:-1]:  # a split inside a gap ties with the gap's first one
-        low = [(b, int(counts[b])) for b in occupied if b <= split]
-        high = [(b, int(counts[b])) for b in occupied if b > split]
-        n0, n1 = sum(n for _, n in low), sum(n for _, n in high)
-        mean0 = Fraction(sum(b * n for b, n in low), n0)
-        mean1 = Fraction(sum(b * n for b, n in high), n1)
-        score = n0 * n1 * (mean0 - mean1) ** 2
-        if best_score is None or score > best_score:
-            best, best_score = split, score
-    return best
 
 
 @pytest.mark.parametrize("shape", [(50, 50, 50), (7, 1, 5), (2, 3, 2), (1, 1, 1), (2,), (9,), (3, 4)])
@@ -373,21 +294,7 @@ def test_the_runtimes_cooccurrence_mask_plugs_in(tmp_path):
     vocab, rng = 20, np.random.default_rng(9)
     dense = random_masks(rng, vocab, 0.4)
     dense.tables[3] *= dense.tables[2][:, :, None] > 0  # a seen triple's prefix pair is seen
-    weights = {}
-    for n, table in dense.tables.items():
-        keys = np.flatnonzero(table)  # base-V codes in C order = strictly increasing
-        weights[n] = (keys.astype(np.int64), table.ravel()[keys].astype(np.float32))
-    out = tmp_path / "mask"
-    save_cooccurrence(
-        out,
-        vocab_size=vocab,
-        num_tokens=1000,
-        ngram_positions={2: 999, 3: 998},
-        min_count=1,
-        eot_id=0,
-        weights=weights,
-    )
-    mask = CooccurrenceMask.load(out, expected_vocab_size=vocab)
+    mask = csr_masks(dense, tmp_path / "mask")
     emitted = []
     for seed in range(30):
         config = SamplingConfig(top_k=5, eps_b=(0.2, 0.7, 0.95)[seed % 3])

@@ -1,0 +1,620 @@
+/* The weighted joint of DynaMo's Algorithm 1 in one call: runtime/sampling.py's hot path.
+ *
+ * Why C: with masks, a step of the numpy sampler is ~150 small array calls (lookups in
+ * the co-occurrence CSR tables, the joint over the stored n-grams, the blurred Otsu
+ * threshold); their dispatch and cache misses cost ~1 ms, a third of a forward pass of
+ * the reference model, against a budget of 15%. Here the same work is a few loops over
+ * the few thousand stored cells. There is no library for this step: it is the paper's
+ * own algorithm, as llama.cpp's samplers are its own C.
+ *
+ * The arithmetic is runtime/sampling.py's numpy path, operation for operation and in the
+ * same order, so the two agree to the last bit (tests/test_native.py holds them to it):
+ *   R = ((f_1 f_2) f_3) * W, sum R = the running sum in C order, J = R * (mass / sum R);
+ *   blur = 2 x [1, 2, 1] / 4 per axis as ((l + r) * 0.5) + c with mirrored borders;
+ *   Otsu on 256 bins over [min B, max B] with the integer split score.
+ * Build flags keep the compiler from contracting a * b + c into one fused rounding.
+ *
+ * Only plain buffers cross the boundary (the buffer protocol, no numpy headers); the
+ * Python side (runtime/native.py) checks dtypes and sizes, this side checks lengths
+ * again before it reads anything.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define OTSU_BINS 256
+#define SCAN_ROW_FACTOR 4 /* scan a row of up to 4 entries per candidate; binary-search longer ones */
+#define MAX_ORDER 3
+#define SELECT_BLOCK 16 /* tokens per block in the top-k search */
+#define PREFETCH_AHEAD 8 /* rows ahead to prefetch in the triple table */
+
+typedef struct {
+    const int64_t *indptr; /* rows + 1 */
+    const int32_t *indices;
+    const float *values;
+    Py_ssize_t rows;
+    Py_ssize_t nnz;
+} Table;
+
+/* For row `row`: the positions j of cols stored in it, ascending, into found (their count is
+ * returned) and entry[j] = their entry ids; `rank` maps every token to its position in cols
+ * (-1 elsewhere). Short rows are scanned, long ones binary-searched; entry[] is only written
+ * at the found positions, so a caller that resets those keeps it all -1 between rows; base is
+ * k slots of scratch. */
+static Py_ssize_t row_entries(const Table *t, int64_t row, const int64_t *cols, Py_ssize_t k, const int32_t *rank,
+                              int64_t *entry, Py_ssize_t *found, int64_t *base) {
+    int64_t start = t->indptr[row], end = t->indptr[row + 1];
+    Py_ssize_t count = 0;
+    if (end - start <= SCAN_ROW_FACTOR * k) {
+        for (int64_t e = start; e < end; e++) {
+            int32_t j = rank[t->indices[e]];
+            if (j < 0) continue;
+            entry[j] = e;
+            Py_ssize_t at = count++; /* insertion sort: a row holds few of the candidates */
+            while (at > 0 && found[at - 1] > j) {
+                found[at] = found[at - 1];
+                at--;
+            }
+            found[at] = j;
+        }
+    } else {
+        /* All k binary searches a level at a time: their loads are independent, so the
+         * memory system overlaps the misses that one search after another would wait out. */
+        for (Py_ssize_t j = 0; j < k; j++) base[j] = start;
+        for (int64_t n = end - start; n > 1; n -= n / 2) {
+            int64_t half = n / 2;
+            for (Py_ssize_t j = 0; j < k; j++) base[j] = t->indices[base[j] + half] < cols[j] ? base[j] + half : base[j];
+        }
+        for (Py_ssize_t j = 0; j < k; j++) {
+            int64_t e = base[j] + (t->indices[base[j]] < cols[j]);
+            entry[j] = -1;
+            if (e < end && t->indices[e] == cols[j]) {
+                entry[j] = e;
+                found[count++] = j;
+            }
+        }
+    }
+    return count;
+}
+
+/* A cell of the (padded, three-axis) grid with its coordinates: the blur's passes need both,
+ * and dividing them out of the cell id per visit would cost more than the pass itself. */
+typedef struct {
+    int32_t cell;
+    int16_t x[3];
+    int16_t bin; /* Otsu's bin, once the cell is a candidate */
+} Point;
+
+static inline Point point(Py_ssize_t x0, Py_ssize_t x1, Py_ssize_t x2, const Py_ssize_t *stride) {
+    Point p = {(int32_t)(x0 * stride[0] + x1 * stride[1] + x2), {(int16_t)x0, (int16_t)x1, (int16_t)x2}, 0};
+    return p;
+}
+
+static int compare_int64(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
+static void set_rank(int32_t *rank, const int64_t *ids, Py_ssize_t k, int on) {
+    for (Py_ssize_t j = 0; j < k; j++) rank[ids[j]] = on ? (int32_t)j : -1;
+}
+
+/* The mirrored neighbour of position i on an axis of length n (|offset| = 1). */
+static inline Py_ssize_t mirror(Py_ssize_t i, Py_ssize_t n) {
+    if (n == 1) return 0;
+    if (i < 0) return -i;
+    if (i >= n) return 2 * (n - 1) - i;
+    return i;
+}
+
+/* out = 2 x ([1, 2, 1] / 4 blur of src along `axis`) over a C-contiguous box of `shape`. */
+static void blur3_axis(const double *src, double *out, const Py_ssize_t *shape, int ndim, int axis) {
+    Py_ssize_t n = shape[axis], inner = 1, outer = 1;
+    for (int a = axis + 1; a < ndim; a++) inner *= shape[a];
+    for (int a = 0; a < axis; a++) outer *= shape[a];
+    for (Py_ssize_t o = 0; o < outer; o++) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            const double *c = src + (o * n + i) * inner;
+            const double *l = src + (o * n + mirror(i - 1, n)) * inner;
+            const double *r = src + (o * n + mirror(i + 1, n)) * inner;
+            double *dst = out + (o * n + i) * inner;
+            for (Py_ssize_t x = 0; x < inner; x++) {
+                double t = l[x] + r[x];
+                t = t * 0.5;
+                dst[x] = t + c[x];
+            }
+        }
+    }
+}
+
+/* Otsu's split over a histogram: numpy's otsu_split in runtime/sampling.py, the same operations. */
+static int otsu_split(const int64_t *counts) {
+    int64_t total = 0, index_sum = 0;
+    for (int b = 0; b < OTSU_BINS; b++) {
+        total += counts[b];
+        index_sum += counts[b] * b;
+    }
+    int64_t n0 = 0, s0 = 0;
+    int best = 0;
+    double best_score = 0.0;
+    for (int b = 0; b < OTSU_BINS - 1; b++) {
+        n0 += counts[b];
+        s0 += counts[b] * b;
+        int64_t n1 = total - n0;
+        double score = -1.0;
+        if (n0 > 0 && n1 > 0) {
+            double numerator = (double)(total * s0 - n0 * index_sum);
+            numerator = numerator * numerator;
+            score = numerator / (double)(n0 * n1);
+        }
+        if (b == 0 || score > best_score) {
+            best = b;
+            best_score = score;
+        }
+    }
+    return best;
+}
+
+typedef struct {
+    Py_buffer ids, probs, pair_indptr, pair_indices, pair_values, triple_indptr, triple_indices,
+        triple_values, rank, out_cells, out_values, work, iwork, flags, pair_grid;
+} Buffers;
+
+static void release(Buffers *b) {
+    Py_buffer *all[] = {&b->ids, &b->probs, &b->pair_indptr, &b->pair_indices, &b->pair_values,
+                        &b->triple_indptr, &b->triple_indices, &b->triple_values, &b->rank,
+                        &b->out_cells, &b->out_values, &b->work, &b->iwork, &b->flags, &b->pair_grid};
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
+        if (all[i]->obj) PyBuffer_Release(all[i]);
+}
+
+static int fail(const char *message) {
+    PyErr_SetString(PyExc_ValueError, message);
+    return -1;
+}
+
+/* joint(shape, ids, probs, pair_indptr, pair_indices, pair_values, triple_indptr, triple_indices,
+ *       triple_values, rank, mass, bound, static_threshold, otsu, blur, out_cells, out_values, work,
+ *       iwork, flags, pair_grid, reuse_pairs)
+ * rank (int32, one per token) must hold -1, the first third of work (float64) and flags (uint8)
+ * 0; the call leaves them so. work (float64) and iwork (int64) hold 3 and 5 values per cell,
+ * the outputs 1. pair_grid (int64, k1 x k2) holds the pair entry ids; with reuse_pairs set it
+ * already holds those of these first two id lists, from the previous call.
+ * -> count of cells written to out_cells / out_values (ascending C-order cell ids, J there),
+ *    or -1 when min(max J, 1) <= bound before Otsu (the step backs off). */
+static PyObject *joint(PyObject *self, PyObject *args) {
+    PyObject *shape_obj;
+    Buffers b;
+    memset(&b, 0, sizeof(b));
+    double mass, bound, static_threshold;
+    int otsu, blur, reuse_pairs;
+    if (!PyArg_ParseTuple(args, "O!y*y*y*y*y*y*y*y*w*dddiiw*w*w*w*w*w*i", &PyTuple_Type, &shape_obj, &b.ids, &b.probs,
+                          &b.pair_indptr, &b.pair_indices, &b.pair_values, &b.triple_indptr, &b.triple_indices,
+                          &b.triple_values, &b.rank, &mass, &bound, &static_threshold, &otsu, &blur,
+                          &b.out_cells, &b.out_values, &b.work, &b.iwork, &b.flags, &b.pair_grid, &reuse_pairs)) {
+        release(&b);
+        return NULL;
+    }
+    int ndim = (int)PyTuple_GET_SIZE(shape_obj);
+    Py_ssize_t shape[MAX_ORDER], size = 1, ksum = 0;
+    int64_t *part = NULL;
+    Py_ssize_t result = -2;
+    if (ndim < 2 || ndim > MAX_ORDER) {
+        fail("joint: the grid must have 2 or 3 axes");
+        goto done;
+    }
+    for (int a = 0; a < ndim; a++) {
+        shape[a] = PyLong_AsSsize_t(PyTuple_GET_ITEM(shape_obj, a));
+        if (shape[a] < 1) {
+            if (!PyErr_Occurred()) fail("joint: every axis needs at least one candidate");
+            goto done;
+        }
+        size *= shape[a];
+        ksum += shape[a];
+    }
+    Py_ssize_t vocab = b.rank.len / (Py_ssize_t)sizeof(int32_t);
+    Table pairs = {b.pair_indptr.buf, b.pair_indices.buf, b.pair_values.buf,
+                   b.pair_indptr.len / (Py_ssize_t)sizeof(int64_t) - 1, b.pair_indices.len / (Py_ssize_t)sizeof(int32_t)};
+    Table triples = {b.triple_indptr.buf, b.triple_indices.buf, b.triple_values.buf,
+                     b.triple_indptr.len / (Py_ssize_t)sizeof(int64_t) - 1,
+                     b.triple_indices.len / (Py_ssize_t)sizeof(int32_t)};
+    if (b.ids.len != ksum * (Py_ssize_t)sizeof(int64_t) || b.probs.len != ksum * (Py_ssize_t)sizeof(double) ||
+        pairs.rows != vocab || b.pair_values.len != pairs.nnz * (Py_ssize_t)sizeof(float) ||
+        (ndim == 3 && (triples.rows != pairs.nnz || b.triple_values.len != triples.nnz * (Py_ssize_t)sizeof(float))) ||
+        b.out_cells.len < size * (Py_ssize_t)sizeof(int64_t) || b.out_values.len < size * (Py_ssize_t)sizeof(double) ||
+        b.work.len < 3 * size * (Py_ssize_t)sizeof(double) || b.iwork.len < 3 * size * (Py_ssize_t)sizeof(Point) ||
+        b.flags.len < size || b.pair_grid.len < shape[0] * shape[1] * (Py_ssize_t)sizeof(int64_t)) {
+        fail("joint: buffer sizes do not match the grid and the tables");
+        goto done;
+    }
+    const int64_t *ids[MAX_ORDER];
+    const double *probs[MAX_ORDER];
+    for (int a = 0, offset = 0; a < ndim; offset += (int)shape[a], a++) {
+        ids[a] = (const int64_t *)b.ids.buf + offset;
+        probs[a] = (const double *)b.probs.buf + offset;
+        for (Py_ssize_t j = 0; j < shape[a]; j++)
+            if (ids[a][j] < 0 || ids[a][j] >= vocab) {
+                fail("joint: a candidate id is outside the vocabulary");
+                goto done;
+            }
+    }
+    int32_t *rank = b.rank.buf;
+    int64_t *cells = b.out_cells.buf;
+    double *values = b.out_values.buf;
+    Py_ssize_t k1 = shape[0], k2 = shape[1], pair_cells = k1 * k2;
+    Py_ssize_t klast = shape[ndim - 1];
+    Py_ssize_t kmax = k2 > klast ? k2 : klast;
+    part = PyMem_Malloc((size_t)(3 * kmax) * sizeof(int64_t));
+    if (!part) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int64_t *pair_entry = b.pair_grid.buf, *entry = part, *base = entry + kmax;
+    Py_ssize_t *found = (Py_ssize_t *)(base + kmax);
+
+    /* Pair entry of every (i, j) cell, -1 where the pair is not stored; a step that backs off
+     * from three tokens to two asks for the same pairs again, and gets the last grid. */
+    if (!reuse_pairs) {
+        for (Py_ssize_t c = 0; c < pair_cells; c++) pair_entry[c] = -1;
+        set_rank(rank, ids[1], k2, 1);
+        for (Py_ssize_t i = 0; i < k1; i++)
+            row_entries(&pairs, ids[0][i], ids[1], k2, rank, pair_entry + i * k2, found, base);
+        set_rank(rank, ids[1], k2, 0);
+    }
+
+    /* The stored cells in C order with R there (cells / values double as the hit list). */
+    Py_ssize_t hits = 0;
+    if (ndim == 2) {
+        for (Py_ssize_t c = 0; c < pair_cells; c++) {
+            if (pair_entry[c] < 0) continue;
+            double r = probs[0][c / k2] * probs[1][c % k2];
+            cells[hits] = c;
+            values[hits++] = r * (double)pairs.values[pair_entry[c]];
+        }
+    } else {
+        Py_ssize_t k3 = shape[2], n_live = 0;
+        /* The pairs with stored triples, their rows' bounds read with prefetches running ahead:
+         * each row is a cold miss in a table of megabytes, and a step visits a thousand. */
+        int64_t *live = (int64_t *)b.iwork.buf, *row_start = live + pair_cells, *row_end = row_start + pair_cells;
+        for (Py_ssize_t c = 0; c < pair_cells; c++)
+            if (pair_entry[c] >= 0) live[n_live++] = c;
+        for (Py_ssize_t i = 0; i < n_live; i++) {
+            if (i + PREFETCH_AHEAD < n_live) __builtin_prefetch(&triples.indptr[pair_entry[live[i + PREFETCH_AHEAD]]]);
+            int64_t p = pair_entry[live[i]];
+            row_start[i] = triples.indptr[p];
+            row_end[i] = triples.indptr[p + 1];
+        }
+        set_rank(rank, ids[2], k3, 1);
+        for (Py_ssize_t i = 0; i < n_live; i++) {
+            if (i + PREFETCH_AHEAD < n_live) __builtin_prefetch(&triples.indices[row_start[i + PREFETCH_AHEAD]]);
+            if (row_start[i] == row_end[i]) continue;
+            Py_ssize_t c = live[i];
+            Py_ssize_t n_found = row_entries(&triples, pair_entry[c], ids[2], k3, rank, entry, found, base);
+            double lead = probs[0][c / k2] * probs[1][c % k2];
+            for (Py_ssize_t f = 0; f < n_found; f++) {
+                Py_ssize_t l = found[f];
+                double r = lead * probs[2][l];
+                cells[hits] = c * k3 + l;
+                values[hits++] = r * (double)triples.values[entry[l]];
+            }
+        }
+        set_rank(rank, ids[2], k3, 0);
+    }
+
+    double total = 0.0, top = 0.0;
+    for (Py_ssize_t h = 0; h < hits; h++) {
+        total += values[h];
+        if (values[h] > top) top = values[h];
+    }
+    if (!(total > 0)) { /* every cell masked (or underflowed): J = 0 */
+        result = bound >= 0 ? -1 : 0;
+        goto done;
+    }
+    double scale = mass / total, peak = top * scale;
+    if ((peak < 1.0 ? peak : 1.0) <= bound) {
+        result = -1;
+        goto done;
+    }
+    Py_ssize_t positive = 0;
+    double largest = 0.0;
+    for (Py_ssize_t h = 0; h < hits; h++) {
+        double j = values[h] * scale;
+        if (static_threshold > 0 && j < static_threshold) j = 0.0;
+        values[h] = j;
+        if (j > 0) positive++;
+        if (j > largest) largest = j;
+    }
+    if (!otsu) {
+        result = hits;
+        goto done;
+    }
+    if (positive == 0) { /* J = 0: nothing to keep */
+        result = 0;
+        goto done;
+    }
+
+    /* Otsu, as _sparse_otsu / _otsu in runtime/sampling.py. When the live cells' neighbourhoods
+     * cannot cover the grid, min B = 0 and only cells within one step of a cell with
+     * J >= max J / (1024 * 2^ndim) can leave bin 0 (see _sparse_otsu): B is computed on those
+     * cells alone, through the same three separable passes, each on the cells the next one
+     * reads. Otherwise every cell is computed and min B taken. Geometry is on three axes: a
+     * two-token grid is 1 x k1 x k2, and its padded axis is neither blurred nor dilated. */
+    int radius = blur == 3 ? 1 : 0, pad = MAX_ORDER - ndim;
+    Py_ssize_t g[3], reach = 1;
+    for (int a = 0; a < 3; a++) g[a] = a < pad ? 1 : shape[a - pad];
+    for (int a = 0; a < ndim; a++) reach *= 2 * radius + 1;
+    int whole = positive * reach >= size;
+    /* Thirds of the scratch at fixed offsets: the zero grid must stay where it was for a call
+     * on a larger grid, whatever this one's size. */
+    Py_ssize_t third = b.work.len / (3 * (Py_ssize_t)sizeof(double)), ithird = b.iwork.len / (3 * (Py_ssize_t)sizeof(Point));
+    double *dense_j = b.work.buf, *pass0 = dense_j + third, *pass1 = pass0 + third;
+    Point *list_x = b.iwork.buf, *list_1 = list_x + ithird, *list_0 = list_1 + ithird;
+    uint8_t *flags = b.flags.buf;
+    for (Py_ssize_t h = 0; h < hits; h++) dense_j[cells[h]] = values[h]; /* dense_j is all 0 between calls */
+    Py_ssize_t n_x = 0, n_1 = 0, n_0 = 0;
+    int sparse = !whole && radius;
+    const Py_ssize_t stride[3] = {g[1] * g[2], g[2], 1};
+    if (whole) { /* every cell */
+        for (Py_ssize_t x0 = 0; x0 < g[0]; x0++)
+            for (Py_ssize_t x1 = 0; x1 < g[1]; x1++)
+                for (Py_ssize_t x2 = 0; x2 < g[2]; x2++) list_x[n_x++] = point(x0, x1, x2, stride);
+        memcpy(list_1, list_x, (size_t)n_x * sizeof(Point));
+        memcpy(list_0, list_x, (size_t)n_x * sizeof(Point));
+        n_1 = n_0 = n_x;
+    } else if (!radius) { /* B = J: only live cells can leave bin 0 */
+        for (Py_ssize_t h = 0; h < hits; h++)
+            list_x[n_x++] = point(cells[h] / stride[0], cells[h] / stride[1] % g[1], cells[h] % g[2], stride);
+    } else {
+        double spread = 1.0;
+        for (int a = 0; a < ndim; a++) spread *= 2.0;
+        double floor = largest / (2 * 2 * OTSU_BINS * spread);
+        for (Py_ssize_t h = 0; h < hits; h++) {
+            if (!(values[h] >= floor)) continue;
+            Py_ssize_t y0 = cells[h] / stride[0], y1 = cells[h] / stride[1] % g[1], y2 = cells[h] % g[2];
+            for (Py_ssize_t x0 = y0 - 1; x0 <= y0 + 1; x0++)
+                for (Py_ssize_t x1 = y1 - 1; x1 <= y1 + 1; x1++)
+                    for (Py_ssize_t x2 = y2 - 1; x2 <= y2 + 1; x2++) {
+                        if (x0 < 0 || x0 >= g[0] || x1 < 0 || x1 >= g[1] || x2 < 0 || x2 >= g[2]) continue;
+                        Py_ssize_t x = x0 * stride[0] + x1 * stride[1] + x2;
+                        if (flags[x] & 1) continue;
+                        flags[x] |= 1;
+                        list_x[n_x++] = point(x0, x1, x2, stride);
+                    }
+        }
+        /* What the passes read: the last pass (axis 2) reads list_1, the one before it list_0. */
+        for (Py_ssize_t i = 0; i < n_x; i++)
+            for (int d = -1; d <= 1; d++) {
+                Point q = list_x[i];
+                q.x[2] += d;
+                q.cell += d;
+                if (q.x[2] < 0 || q.x[2] >= g[2] || (flags[q.cell] & 2)) continue;
+                flags[q.cell] |= 2;
+                list_1[n_1++] = q;
+            }
+        for (Py_ssize_t i = 0; i < n_1; i++)
+            for (int d = -1; d <= 1; d++) {
+                Point q = list_1[i];
+                q.x[1] += d;
+                q.cell += d * (int32_t)stride[1];
+                if (q.x[1] < 0 || q.x[1] >= g[1] || (flags[q.cell] & 4)) continue;
+                flags[q.cell] |= 4;
+                list_0[n_0++] = q;
+            }
+        for (Py_ssize_t i = 0; i < n_x; i++) flags[list_x[i].cell] = 0;
+        for (Py_ssize_t i = 0; i < n_1; i++) flags[list_1[i].cell] = 0;
+        for (Py_ssize_t i = 0; i < n_0; i++) flags[list_0[i].cell] = 0;
+    }
+    const double *blurred = dense_j;
+    if (radius) {
+        /* Axis a's pass runs over the cells the next pass reads (all of list_x for the last) and
+         * writes pass0, pass1, pass0: the last pass reads pass1 only. */
+        const Point *lists[3] = {list_0, list_1, list_x};
+        const Py_ssize_t counts_of[3] = {n_0, n_1, n_x};
+        double *outs[3] = {pass0, pass1, pass0};
+        for (int a = pad; a < 3; a++) {
+            Py_ssize_t len = g[a], s = stride[a];
+            double *dst = outs[a];
+            for (Py_ssize_t i = 0; i < counts_of[a]; i++) {
+                Py_ssize_t x = lists[a][i].cell, coord = lists[a][i].x[a];
+                Py_ssize_t left = len == 1 ? x : (coord == 0 ? x + s : x - s);
+                Py_ssize_t right = len == 1 ? x : (coord == len - 1 ? x - s : x + s);
+                double t = blurred[left] + blurred[right];
+                t = t * 0.5;
+                dst[x] = t + blurred[x];
+            }
+            blurred = dst;
+        }
+    }
+
+    double lo = 0.0, hi = 0.0;
+    for (Py_ssize_t i = 0; i < n_x; i++) {
+        double v = blurred[list_x[i].cell];
+        if (i == 0 || v > hi) hi = v;
+        if (i == 0 || v < lo) lo = v;
+    }
+    if (!whole) lo = 0.0; /* min B over the grid: a cell beyond every live neighbourhood */
+    Py_ssize_t kept = 0;
+    int64_t *kept_cells = (int64_t *)list_0; /* free once the passes are done */
+    if (!(hi > lo)) { /* a constant B keeps every live cell */
+        for (Py_ssize_t h = 0; h < hits; h++)
+            if (values[h] > 0) kept_cells[kept++] = cells[h];
+    } else {
+        double bin_scale = OTSU_BINS / (hi - lo), threshold = lo + 0.5 / bin_scale;
+        int64_t counts[OTSU_BINS] = {0};
+        Point *cand = list_1; /* free too; a candidate's bin goes where its padding was */
+        Py_ssize_t n_cand = 0;
+        for (Py_ssize_t i = 0; i < n_x; i++) {
+            double v = blurred[list_x[i].cell];
+            if (!(v >= threshold)) continue;
+            double shifted = v - lo;
+            shifted = shifted * bin_scale;
+            Py_ssize_t bin = (Py_ssize_t)shifted;
+            if (bin > OTSU_BINS - 1) bin = OTSU_BINS - 1;
+            counts[bin]++;
+            cand[n_cand] = list_x[i];
+            cand[n_cand++].bin = (int16_t)bin;
+        }
+        counts[0] += size - n_cand;
+        int split = otsu_split(counts);
+        for (Py_ssize_t c = 0; c < n_cand; c++)
+            if (cand[c].bin > split && dense_j[cand[c].cell] > 0) kept_cells[kept++] = cand[c].cell;
+        if (sparse) qsort(kept_cells, (size_t)kept, sizeof(int64_t), compare_int64);
+    }
+    for (Py_ssize_t i = 0; i < kept; i++) pass1[i] = dense_j[kept_cells[i]];
+    for (Py_ssize_t h = 0; h < hits; h++) dense_j[cells[h]] = 0.0;
+    for (Py_ssize_t i = 0; i < kept; i++) {
+        cells[i] = kept_cells[i];
+        values[i] = pass1[i];
+    }
+    result = kept;
+
+done:
+    PyMem_Free(part);
+    release(&b);
+    if (result == -2) return NULL;
+    return PyLong_FromSsize_t(result);
+}
+
+/* Better candidate first: higher logit, then lower token id. */
+static inline int ranks_before(float la, int64_t a, float lb, int64_t b) { return la > lb || (la == lb && a < b); }
+
+/* select(logits, rows, vocab, row_stride, k, weights, totals, ids, probs): per row, the k best
+ * tokens by (-logit, id) into ids (rows x k, int64) and weights[id] / totals[row] into probs
+ * (float64), weights being the row's softmax numerators. A min-heap of the k best so far: one
+ * pass over the vocabulary, where numpy needs a dozen calls. */
+static PyObject *select_topk(PyObject *self, PyObject *args) {
+    Py_buffer logits = {0}, weights = {0}, totals = {0}, ids = {0}, probs = {0};
+    Py_ssize_t rows, vocab, row_stride, k;
+    if (!PyArg_ParseTuple(args, "y*nnnny*y*w*w*", &logits, &rows, &vocab, &row_stride, &k, &weights, &totals, &ids,
+                          &probs))
+        return NULL;
+    PyObject *result = NULL;
+    int64_t *heap = NULL;
+    if (rows < 1 || vocab < 1 || k < 1 || k > vocab || row_stride < vocab ||
+        logits.len < ((rows - 1) * row_stride + vocab) * (Py_ssize_t)sizeof(float) ||
+        weights.len < rows * vocab * (Py_ssize_t)sizeof(double) || totals.len < rows * (Py_ssize_t)sizeof(double) ||
+        ids.len < rows * k * (Py_ssize_t)sizeof(int64_t) ||
+        probs.len < rows * k * (Py_ssize_t)sizeof(double)) {
+        PyErr_SetString(PyExc_ValueError, "select: buffer sizes do not match rows x vocab and k");
+        goto done;
+    }
+    Py_ssize_t max_blocks = (vocab + SELECT_BLOCK - 1) / SELECT_BLOCK;
+    heap = PyMem_Malloc((size_t)k * sizeof(int64_t) + (size_t)(max_blocks + k) * sizeof(float));
+    if (!heap) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    float *block_max = (float *)(heap + k), *maxima = block_max + max_blocks;
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        const float *x = (const float *)logits.buf + r * row_stride;
+        const double *w = (const double *)weights.buf + r * vocab;
+        int64_t *out_ids = (int64_t *)ids.buf + r * k;
+        double *out_probs = (double *)probs.buf + r * k;
+        double total = ((const double *)totals.buf)[r];
+        /* The k-th largest of the maxima of 16-token blocks bounds the k-th best logit from
+         * below (k blocks reach it): only blocks reaching it can hold the top k. The block
+         * maxima are one branch-free (vectorised) pass; then a heap over those blocks. */
+        Py_ssize_t blocks = (vocab + SELECT_BLOCK - 1) / SELECT_BLOCK;
+        for (Py_ssize_t bl = 0; bl < blocks; bl++) {
+            Py_ssize_t lo = bl * SELECT_BLOCK, hi = lo + SELECT_BLOCK < vocab ? lo + SELECT_BLOCK : vocab;
+            float m = x[lo];
+            for (Py_ssize_t v = lo + 1; v < hi; v++) m = x[v] > m ? x[v] : m;
+            block_max[bl] = m;
+        }
+        float floor = -HUGE_VALF;
+        if (blocks > k) { /* the k-th largest block maximum: a min-heap of the k largest */
+            Py_ssize_t n = 0;
+            for (Py_ssize_t bl = 0; bl < blocks; bl++) {
+                float m = block_max[bl];
+                if (n == k && !(m > maxima[0])) continue;
+                Py_ssize_t at;
+                if (n < k) {
+                    at = n++;
+                    while (at > 0 && maxima[(at - 1) / 2] > m) {
+                        maxima[at] = maxima[(at - 1) / 2];
+                        at = (at - 1) / 2;
+                    }
+                } else {
+                    at = 0;
+                    for (;;) {
+                        Py_ssize_t child = 2 * at + 1;
+                        if (child >= n) break;
+                        if (child + 1 < n && maxima[child + 1] < maxima[child]) child++;
+                        if (!(maxima[child] < m)) break;
+                        maxima[at] = maxima[child];
+                        at = child;
+                    }
+                }
+                maxima[at] = m;
+            }
+            floor = maxima[0];
+        }
+        /* heap[0] is the worst of the best k; ids arrive ascending, so a tie never displaces it. */
+        Py_ssize_t size = 0;
+        float worst = 0.0f; /* x[heap[0]] once the heap is full */
+        for (Py_ssize_t bl = 0; bl < blocks; bl++) {
+            if (!(block_max[bl] >= floor)) continue;
+            Py_ssize_t hi = (bl + 1) * SELECT_BLOCK < vocab ? (bl + 1) * SELECT_BLOCK : vocab;
+            for (int64_t v = bl * SELECT_BLOCK; v < hi; v++) {
+                if (size == k && !(x[v] > worst)) continue;
+                Py_ssize_t at;
+                if (size < k) { /* sift up */
+                    at = size++;
+                    while (at > 0) {
+                        Py_ssize_t parent = (at - 1) / 2;
+                        if (!ranks_before(x[heap[parent]], heap[parent], x[v], v)) break;
+                        heap[at] = heap[parent];
+                        at = parent;
+                    }
+                } else { /* replace the root, sift down */
+                    at = 0;
+                    for (;;) {
+                        Py_ssize_t child = 2 * at + 1;
+                        if (child >= size) break;
+                        if (child + 1 < size &&
+                            ranks_before(x[heap[child]], heap[child], x[heap[child + 1]], heap[child + 1]))
+                            child++;
+                        if (!ranks_before(x[v], v, x[heap[child]], heap[child])) break;
+                        heap[at] = heap[child];
+                        at = child;
+                    }
+                }
+                heap[at] = v;
+                if (size == k) worst = x[heap[0]];
+            }
+        }
+        /* Best first: insertion sort of the k survivors. */
+        for (Py_ssize_t i = 0; i < k; i++) {
+            int64_t v = heap[i];
+            Py_ssize_t at = i;
+            while (at > 0 && ranks_before(x[v], v, x[out_ids[at - 1]], out_ids[at - 1])) {
+                out_ids[at] = out_ids[at - 1];
+                at--;
+            }
+            out_ids[at] = v;
+        }
+        for (Py_ssize_t i = 0; i < k; i++) out_probs[i] = w[out_ids[i]] / total;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    PyMem_Free(heap);
+    PyBuffer_Release(&logits);
+    PyBuffer_Release(&weights);
+    PyBuffer_Release(&totals);
+    PyBuffer_Release(&ids);
+    PyBuffer_Release(&probs);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"select", select_topk, METH_VARARGS, "Each row's top-k ids and probabilities (see runtime/native.py)."},
+    {"joint", joint, METH_VARARGS, "DynaMo's co-occurrence weighted joint over the stored n-grams (see runtime/native.py)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "runtime._native", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
