@@ -26,10 +26,10 @@
 #include <string.h>
 
 #define OTSU_BINS 256
-#define SCAN_ROW_FACTOR 4 /* scan a row of up to 4 entries per candidate; binary-search longer ones */
+#define SCAN_ROW_FACTOR 64 /* scan a row of up to 4 entries per candidate; binary-search longer ones */
 #define MAX_ORDER 3
 #define SELECT_BLOCK 16 /* tokens per block in the top-k search */
-#define PREFETCH_AHEAD 8 /* rows ahead to prefetch in the triple table */
+#define PREFETCH_AHEAD 16 /* rows ahead to prefetch in the triple table */
 
 typedef struct {
     const int64_t *indptr; /* rows + 1 */
@@ -39,19 +39,35 @@ typedef struct {
     Py_ssize_t nnz;
 } Table;
 
+/* The candidate tokens of one grid axis: a bitmap to test membership while scanning a row
+ * (a vocabulary's worth of int32 ranks would not stay in L1 beside the row) and the rank of
+ * each token in the candidate list (-1 elsewhere) for the few that pass. */
+typedef struct {
+    uint64_t *bits;
+    int32_t *rank;
+} Candidates;
+
+static void set_candidates(Candidates *c, const int64_t *ids, Py_ssize_t k, int on) {
+    for (Py_ssize_t j = 0; j < k; j++) {
+        c->rank[ids[j]] = on ? (int32_t)j : -1;
+        if (on) c->bits[ids[j] >> 6] |= (uint64_t)1 << (ids[j] & 63);
+        else c->bits[ids[j] >> 6] = 0;
+    }
+}
+
 /* For row `row`: the positions j of cols stored in it, ascending, into found (their count is
- * returned) and entry[j] = their entry ids; `rank` maps every token to its position in cols
- * (-1 elsewhere). Short rows are scanned, long ones binary-searched; entry[] is only written
+ * returned) and entry[j] = their entry ids; `cand` holds cols. Short rows are scanned, long ones binary-searched; entry[] is only written
  * at the found positions, so a caller that resets those keeps it all -1 between rows; base is
  * k slots of scratch. */
-static Py_ssize_t row_entries(const Table *t, int64_t row, const int64_t *cols, Py_ssize_t k, const int32_t *rank,
+static Py_ssize_t row_entries(const Table *t, int64_t row, const int64_t *cols, Py_ssize_t k, const Candidates *cand,
                               int64_t *entry, Py_ssize_t *found, int64_t *base) {
     int64_t start = t->indptr[row], end = t->indptr[row + 1];
     Py_ssize_t count = 0;
     if (end - start <= SCAN_ROW_FACTOR * k) {
         for (int64_t e = start; e < end; e++) {
-            int32_t j = rank[t->indices[e]];
-            if (j < 0) continue;
+            uint32_t token = (uint32_t)t->indices[e];
+            if (!((cand->bits[token >> 6] >> (token & 63)) & 1)) continue;
+            int32_t j = cand->rank[token];
             entry[j] = e;
             Py_ssize_t at = count++; /* insertion sort: a row holds few of the candidates */
             while (at > 0 && found[at - 1] > j) {
@@ -96,10 +112,6 @@ static inline Point point(Py_ssize_t x0, Py_ssize_t x1, Py_ssize_t x2, const Py_
 static int compare_int64(const void *a, const void *b) {
     int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
     return (x > y) - (x < y);
-}
-
-static void set_rank(int32_t *rank, const int64_t *ids, Py_ssize_t k, int on) {
-    for (Py_ssize_t j = 0; j < k; j++) rank[ids[j]] = on ? (int32_t)j : -1;
 }
 
 /* The mirrored neighbour of position i on an axis of length n (|offset| = 1). */
@@ -247,11 +259,12 @@ static PyObject *joint(PyObject *self, PyObject *args) {
     Py_ssize_t k1 = shape[0], k2 = shape[1], pair_cells = k1 * k2;
     Py_ssize_t klast = shape[ndim - 1];
     Py_ssize_t kmax = k2 > klast ? k2 : klast;
-    part = PyMem_Malloc((size_t)(3 * kmax) * sizeof(int64_t));
+    part = PyMem_Calloc((size_t)(3 * kmax + vocab / 64 + 1), sizeof(int64_t));
     if (!part) {
         PyErr_NoMemory();
         goto done;
     }
+    Candidates cand = {(uint64_t *)part + 3 * kmax, rank};
     int64_t *pair_entry = b.pair_grid.buf, *entry = part, *base = entry + kmax;
     Py_ssize_t *found = (Py_ssize_t *)(base + kmax);
 
@@ -259,49 +272,55 @@ static PyObject *joint(PyObject *self, PyObject *args) {
      * from three tokens to two asks for the same pairs again, and gets the last grid. */
     if (!reuse_pairs) {
         for (Py_ssize_t c = 0; c < pair_cells; c++) pair_entry[c] = -1;
-        set_rank(rank, ids[1], k2, 1);
+        set_candidates(&cand, ids[1], k2, 1);
         for (Py_ssize_t i = 0; i < k1; i++)
-            row_entries(&pairs, ids[0][i], ids[1], k2, rank, pair_entry + i * k2, found, base);
-        set_rank(rank, ids[1], k2, 0);
+            row_entries(&pairs, ids[0][i], ids[1], k2, &cand, pair_entry + i * k2, found, base);
+        set_candidates(&cand, ids[1], k2, 0);
     }
 
     /* The stored cells in C order with R there (cells / values double as the hit list). */
     Py_ssize_t hits = 0;
     if (ndim == 2) {
-        for (Py_ssize_t c = 0; c < pair_cells; c++) {
-            if (pair_entry[c] < 0) continue;
-            double r = probs[0][c / k2] * probs[1][c % k2];
-            cells[hits] = c;
-            values[hits++] = r * (double)pairs.values[pair_entry[c]];
-        }
+        for (Py_ssize_t i = 0, c = 0; i < k1; i++)
+            for (Py_ssize_t j = 0; j < k2; j++, c++) {
+                if (pair_entry[c] < 0) continue;
+                double r = probs[0][i] * probs[1][j];
+                cells[hits] = c;
+                values[hits++] = r * (double)pairs.values[pair_entry[c]];
+            }
     } else {
         Py_ssize_t k3 = shape[2], n_live = 0;
-        /* The pairs with stored triples, their rows' bounds read with prefetches running ahead:
-         * each row is a cold miss in a table of megabytes, and a step visits a thousand. */
+        /* The stored pairs with f_1 f_2 and their triple rows' bounds, read with prefetches
+         * running ahead: each row is a miss in a table of megabytes, and a step visits a thousand.
+         * (No divisions by k2 per cell: they would cost more than the rest of the loop.) */
         int64_t *live = (int64_t *)b.iwork.buf, *row_start = live + pair_cells, *row_end = row_start + pair_cells;
-        for (Py_ssize_t c = 0; c < pair_cells; c++)
-            if (pair_entry[c] >= 0) live[n_live++] = c;
+        double *lead = (double *)b.work.buf + b.work.len / (3 * (Py_ssize_t)sizeof(double)); /* pass0's third */
+        for (Py_ssize_t i = 0, c = 0; i < k1; i++)
+            for (Py_ssize_t j = 0; j < k2; j++, c++)
+                if (pair_entry[c] >= 0) {
+                    lead[n_live] = probs[0][i] * probs[1][j];
+                    live[n_live++] = c;
+                }
         for (Py_ssize_t i = 0; i < n_live; i++) {
             if (i + PREFETCH_AHEAD < n_live) __builtin_prefetch(&triples.indptr[pair_entry[live[i + PREFETCH_AHEAD]]]);
             int64_t p = pair_entry[live[i]];
             row_start[i] = triples.indptr[p];
             row_end[i] = triples.indptr[p + 1];
         }
-        set_rank(rank, ids[2], k3, 1);
+        set_candidates(&cand, ids[2], k3, 1);
         for (Py_ssize_t i = 0; i < n_live; i++) {
             if (i + PREFETCH_AHEAD < n_live) __builtin_prefetch(&triples.indices[row_start[i + PREFETCH_AHEAD]]);
             if (row_start[i] == row_end[i]) continue;
             Py_ssize_t c = live[i];
-            Py_ssize_t n_found = row_entries(&triples, pair_entry[c], ids[2], k3, rank, entry, found, base);
-            double lead = probs[0][c / k2] * probs[1][c % k2];
+            Py_ssize_t n_found = row_entries(&triples, pair_entry[c], ids[2], k3, &cand, entry, found, base);
             for (Py_ssize_t f = 0; f < n_found; f++) {
                 Py_ssize_t l = found[f];
-                double r = lead * probs[2][l];
+                double r = lead[i] * probs[2][l];
                 cells[hits] = c * k3 + l;
                 values[hits++] = r * (double)triples.values[entry[l]];
             }
         }
-        set_rank(rank, ids[2], k3, 0);
+        set_candidates(&cand, ids[2], k3, 0);
     }
 
     double total = 0.0, top = 0.0;

@@ -17,12 +17,22 @@ from runtime.config import MODES, SamplingConfig
 from runtime.engine import DynaMoRuntime
 from runtime.errors import DynaMoRuntimeError
 
-OPTION_FLAGS = ("mode", "eps_b", "top_k", "temperature", "repetition_penalty", "alpha_c", "blur", "static_threshold")
+OPTION_FLAGS = (
+    "mode",
+    "eps_b",
+    "top_k",
+    "temperature",
+    "repetition_penalty",
+    "alpha_c",
+    "blur",
+    "static_threshold",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dynamo-generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="dynamo-generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--artifact", required=True, help="directory written by dynamo-export")
     p.add_argument("--prompt", required=True, help="text prompt (needs the artifact's tokenizer)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -68,14 +78,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dynamo-generate: error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"text": result.text, "token_ids": result.token_ids, "config": dataclasses.asdict(config),
-                          "stats": result.stats.to_dict()}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "text": result.text,
+                    "token_ids": result.token_ids,
+                    "config": dataclasses.asdict(config),
+                    "stats": result.stats.to_dict(),
+                },
+                indent=2,
+            )
+        )
     else:
         stats = result.stats
         print(result.text)
-        print(f"-- {stats.new_tokens} tokens in {stats.forward_passes} passes "
-              f"({stats.tokens_per_pass:.2f} tokens/pass, {stats.tokens_per_s:.1f} tokens/s, "
-              f"stop: {stats.stop_reason})", file=sys.stderr)
+        print(
+            f"-- {stats.new_tokens} tokens in {stats.forward_passes} passes "
+            f"({stats.tokens_per_pass:.2f} tokens/pass, {stats.tokens_per_s:.1f} tokens/s, "
+            f"stop: {stats.stop_reason})",
+            file=sys.stderr,
+        )
     return 0
 
 

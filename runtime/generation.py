@@ -24,7 +24,7 @@ import numpy as np
 
 from runtime.config import SamplingConfig
 from runtime.errors import GenerationTimeout
-from runtime.sampling import Draft, DynamicSampler, draft_tokens, sample_ar, verify_drafts
+from runtime.sampling import Draft, DynamicSampler, SeenTokens, draft_tokens, sample_ar, verify_drafts
 from runtime.session import Deadline, GraphSession
 
 
@@ -103,6 +103,7 @@ class Decoder:
         self.context_length = session.manifest.model.context_length
         self.n_heads = session.manifest.model.num_token_heads
         self.generated: list[int] = []
+        self.seen = SeenTokens(session.manifest.model.vocab_size)  # the same ids, for the penalty
         # The same ids as an int64 array for the sampler's repetition penalty (no per-pass list -> array copy).
         # At most context + n tokens can be generated, whatever max_new_tokens asks for.
         self._history = np.empty(min(max_new_tokens, self.context_length) + self.n_heads, dtype=np.int64)
@@ -182,8 +183,8 @@ class Decoder:
 
     def _choose(self, last: np.ndarray) -> list[int]:
         if self.config.mode == "ar" or self.n_heads == 1:
-            return [sample_ar(last[0], self.history, self.config, self.rng)]
-        result = self.sampler.step(last, self.history, self.masks, self.config, self.rng)
+            return [sample_ar(last[0], self.seen, self.config, self.rng)]
+        result = self.sampler.step(last, self.seen, self.masks, self.config, self.rng)
         self.stats.backoffs += result.backoffs
         return list(result.tokens)
 
@@ -222,6 +223,7 @@ class Decoder:
                 break
         self._history[len(self.generated) : len(self.generated) + len(kept)] = kept
         self.generated.extend(kept)
+        self.seen.add(kept)
         self.stats.new_tokens = len(self.generated)
         # verify feeds the newest token followed by its drafts; ar/dynamic feed all accepted tokens.
         self.to_feed = kept[-1:] if self.config.mode == "verify" else kept

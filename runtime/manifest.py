@@ -175,7 +175,10 @@ def parse_manifest(text: str) -> Manifest:
 
 def _check_consistency(m: Manifest) -> None:
     model = m.model
-    if model.num_token_heads < 1 or model.num_cache_layers != model.num_hidden_layers + model.num_token_heads - 1:
+    if (
+        model.num_token_heads < 1
+        or model.num_cache_layers != model.num_hidden_layers + model.num_token_heads - 1
+    ):
         raise ManifestError(
             f"model: num_cache_layers {model.num_cache_layers} != num_hidden_layers {model.num_hidden_layers} "
             f"+ num_token_heads {model.num_token_heads} - 1"
@@ -211,7 +214,11 @@ def _check_consistency(m: Manifest) -> None:
         check_relative_path(m.cooccurrence)
     for path, entry in m.files.items():
         check_relative_path(path)
-        if entry.size < 0 or len(entry.sha256) != 64 or any(c not in "0123456789abcdef" for c in entry.sha256):
+        if (
+            entry.size < 0
+            or len(entry.sha256) != 64
+            or any(c not in "0123456789abcdef" for c in entry.sha256)
+        ):
             raise ManifestError(f"files[{path!r}]: size must be >= 0 and sha256 64 lowercase hex digits")
 
 
@@ -278,7 +285,9 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     if not root.is_dir():
         raise ArtifactError(f"{root} is not a directory: pass the folder dynamo-export wrote")
     if not path.is_file():
-        raise ArtifactError(f"{root} has no {MANIFEST_NAME}: it is not a dynamo-export artifact (export one first)")
+        raise ArtifactError(
+            f"{root} has no {MANIFEST_NAME}: it is not a dynamo-export artifact (export one first)"
+        )
     if path.is_symlink():
         raise ArtifactFileError(f"{path} is a symbolic link; artifacts may not contain links")
     if path.stat().st_size > MAX_MANIFEST_BYTES:
@@ -305,7 +314,9 @@ def verify_files(root: str | os.PathLike, manifest: Manifest, check_hashes: bool
     if missing:
         raise ArtifactFileError(f"files listed in the manifest are missing: {missing}")
     if extra:
-        raise ArtifactFileError(f"files not listed in the manifest are present: {extra}; remove them or re-export")
+        raise ArtifactFileError(
+            f"files not listed in the manifest are present: {extra}; remove them or re-export"
+        )
     for rel, entry in sorted(manifest.files.items()):
         path = root / rel
         info = os.lstat(path)
@@ -314,6 +325,10 @@ def verify_files(root: str | os.PathLike, manifest: Manifest, check_hashes: bool
         if info.st_nlink > 1:
             raise ArtifactFileError(f"{rel} has {info.st_nlink} hard links; artifacts may not contain links")
         if info.st_size != entry.size:
-            raise ArtifactFileError(f"{rel} is {info.st_size} bytes, the manifest says {entry.size}: truncated or replaced")
+            raise ArtifactFileError(
+                f"{rel} is {info.st_size} bytes, the manifest says {entry.size}: truncated or replaced"
+            )
         if check_hashes and sha256_of(path) != entry.sha256:
-            raise ArtifactFileError(f"{rel} does not match its sha256 in the manifest: the file was modified or corrupted")
+            raise ArtifactFileError(
+                f"{rel} does not match its sha256 in the manifest: the file was modified or corrupted"
+            )

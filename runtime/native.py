@@ -3,7 +3,8 @@
 `pip install` builds the C file as an optional extension: where no compiler is at
 hand the install still succeeds, `AVAILABLE` is False, and the sampler keeps to its
 numpy path, which computes the very same numbers (tests/test_native.py holds the two
-equal bit for bit, and both to the whole-grid definition).
+equal bit for bit, and both to the whole-grid definition). DYNAMO_NATIVE=0 in the
+environment turns the kernel off.
 
 The kernel covers the paper's defaults and their neighbours: co-occurrence weights
 with alpha_c = 1 over 2- or 3-token grids, any static threshold, Otsu on or off, blur
@@ -14,15 +15,19 @@ correlate1d rounding) goes the numpy way.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 
-try:
-    from runtime import _native
-except ImportError:  # built without a C compiler: the numpy path serves
+if os.environ.get("DYNAMO_NATIVE", "1") == "0":  # opt out, e.g. to compare the two paths
     _native = None
+else:
+    try:
+        from runtime import _native
+    except ImportError:  # built without a C compiler: the numpy path serves
+        _native = None
 
 AVAILABLE = _native is not None
 # Grids above this many cells (top_k > 128 at three heads) take the numpy path: the
@@ -52,7 +57,9 @@ def supports(order: int, cells: int, alpha_c: float, adaptive: bool, blur: int) 
     )
 
 
-def topk_ids(logits: np.ndarray, k: int, weights: np.ndarray, totals: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+def topk_ids(
+    logits: np.ndarray, k: int, weights: np.ndarray, totals: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
     """Each row's k best ids by (-logit, id), (rows, k) int64, and weights[id] / totals[row] there,
     (rows, k) float64, for (rows, vocab) `weights` and (rows,) `totals` in C order; None where
     the kernel does not apply (logits not float32 rows of unit stride).
@@ -63,13 +70,20 @@ def topk_ids(logits: np.ndarray, k: int, weights: np.ndarray, totals: np.ndarray
     assert _native is not None
     rows, vocab = logits.shape
     item = logits.itemsize
-    if logits.dtype != np.float32 or logits.strides[1] != item or logits.strides[0] % item or logits.strides[0] < 0:
+    if (
+        logits.dtype != np.float32
+        or logits.strides[1] != item
+        or logits.strides[0] % item
+        or logits.strides[0] < 0
+    ):
         return None
     if logits.flags.c_contiguous:
         span, row_stride = logits.reshape(-1), vocab
     else:  # e.g. logits[:, -1] of a (heads, T, vocab) output: the rows as one span, gaps included
         row_stride = logits.strides[0] // item
-        span = np.lib.stride_tricks.as_strided(logits, shape=((rows - 1) * row_stride + vocab,), strides=(item,))
+        span = np.lib.stride_tricks.as_strided(
+            logits, shape=((rows - 1) * row_stride + vocab,), strides=(item,)
+        )
     ids = np.empty((rows, k), dtype=np.int64)
     probs = np.empty((rows, k), dtype=np.float64)
     _native.select(span, rows, vocab, row_stride, k, weights, totals, ids, probs)

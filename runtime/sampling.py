@@ -89,7 +89,11 @@ _SPARSE_SHARE = 16
 
 
 class CooccurrenceWeights(Protocol):
-    """What the sampler needs from the co-occurrence masks (runtime.cooccurrence.CooccurrenceMask)."""
+    """What the sampler needs from the co-occurrence masks (runtime.cooccurrence.CooccurrenceMask).
+
+    Masks that also have `csr_tables()` (runtime.native.CsrTables) get the compiled
+    kernel; the rest go through `hits` and numpy, to the same numbers.
+    """
 
     orders: tuple[int, ...]  # n-gram lengths it holds weights for, e.g. (2, 3)
 
@@ -222,8 +226,11 @@ class DynamicSampler:
     the reference does, drawing no random number either way. Without weights that
     entry is the product of the heads' top probabilities, known before any grid is
     built; with weights it is known once the grid is weighted, before the blur.
-    Otsu usually keeps a few dozen cells, and the penalty and the draw then work on
-    those alone (the draw with the reference's own running sum).
+    With weights J lives on the stored n-grams alone (a few thousand of 125k cells),
+    and Otsu only needs the blurred grid near J's largest cells; it usually keeps a
+    few dozen, and the penalty and the draw then work on those alone (the draw with
+    the reference's own running sum). runtime/native.py does the weighted joint and
+    the top-k search in C where it applies, to the same bits.
     """
 
     def __init__(self, use_native: bool = True) -> None:
@@ -234,14 +241,15 @@ class DynamicSampler:
     def step(
         self,
         logits: np.ndarray,
-        generated: Sequence[int] | np.ndarray,
+        generated: Sequence[int] | np.ndarray | SeenTokens,
         masks: CooccurrenceWeights | None,
         config: SamplingConfig,
         rng: np.random.Generator,
     ) -> StepResult:
         """Tokens to emit from one forward pass; `logits` is (n_heads, vocab) at the last position.
 
-        `generated` is cheapest as an int64 array (a list is converted every step).
+        `generated` is cheapest as a `SeenTokens` kept by the caller (anything else is sorted
+        every step).
         """
         logits = _check_logits(logits)
         n_heads = logits.shape[0]
@@ -262,7 +270,7 @@ class DynamicSampler:
     def joint(
         self,
         topks: Sequence[TopK],
-        generated: Sequence[int] | np.ndarray,
+        generated: Sequence[int] | np.ndarray | SeenTokens,
         masks: CooccurrenceWeights | None,
         config: SamplingConfig,
     ) -> np.ndarray:
@@ -277,7 +285,7 @@ class DynamicSampler:
     def _joint_above(
         self,
         topks: Sequence[TopK],
-        token_set: np.ndarray,
+        token_set: SeenTokens | _SortedTokens,
         masks: CooccurrenceWeights | None,
         config: SamplingConfig,
         bound: float,
@@ -289,7 +297,7 @@ class DynamicSampler:
             joint = self._product_joint(topks, config, bound)
         if joint is None:
             return None
-        if config.repetition_penalty != 1 and token_set.size:
+        if config.repetition_penalty != 1 and token_set.any:
             _penalise(joint, topks, token_set, config.repetition_penalty)
         return joint if min(joint.peak(), 1.0) > bound else None
 
@@ -500,11 +508,13 @@ def _bins(values: np.ndarray, lo: float, scale: float, out: np.ndarray | None = 
     return bins
 
 
-def _penalise(joint: _Joint, topks: Sequence[TopK], token_set: np.ndarray, penalty: float) -> None:
+def _penalise(
+    joint: _Joint, topks: Sequence[TopK], token_set: SeenTokens | _SortedTokens, penalty: float
+) -> None:
     """Divide J by the penalty once per axis on which a cell's candidate was already generated."""
     index = None
     for axis, t in enumerate(topks):
-        seen = _seen(t.ids, token_set)
+        seen = token_set.contains(t.ids)
         if not seen.any():
             continue
         if joint.cells is None:
@@ -534,7 +544,7 @@ def otsu_split(counts: np.ndarray) -> int:
 
 def sample_ar(
     logits_head1: np.ndarray,
-    generated: Sequence[int] | np.ndarray,
+    generated: Sequence[int] | np.ndarray | SeenTokens,
     config: SamplingConfig,
     rng: np.random.Generator,
 ) -> int:
@@ -546,40 +556,69 @@ def sample_ar(
     return _draw_head1(top, _token_set(generated), config, rng)
 
 
-def _draw_head1(top: TopK, token_set: np.ndarray, config: SamplingConfig, rng: np.random.Generator) -> int:
+def _draw_head1(
+    top: TopK, token_set: SeenTokens | _SortedTokens, config: SamplingConfig, rng: np.random.Generator
+) -> int:
     return int(top.ids[_draw(_penalised(top, token_set, config), config.greedy, rng)])
 
 
-def _penalised(top: TopK, token_set: np.ndarray, config: SamplingConfig) -> np.ndarray:
-    if config.repetition_penalty == 1 or token_set.size == 0:
+def _penalised(top: TopK, token_set: SeenTokens | _SortedTokens, config: SamplingConfig) -> np.ndarray:
+    if config.repetition_penalty == 1 or not token_set.any:
         return top.probs
-    return top.probs / np.where(_seen(top.ids, token_set), config.repetition_penalty, 1.0)
+    return top.probs / np.where(token_set.contains(top.ids), config.repetition_penalty, 1.0)
 
 
-def _token_set(generated: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Generated ids, sorted (repeats kept): membership by binary search, far cheaper than np.isin."""
-    return np.sort(np.asarray(generated, dtype=np.int64))
+class SeenTokens:
+    """The generated ids as a membership mask over the vocabulary, for a caller that generates
+    token by token: it adds each accepted token once, where a plain history would be sorted
+    again every step. Pass it wherever the sampler takes `generated`."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.mask = np.zeros(vocab_size, dtype=bool)
+        self.any = False
+
+    def add(self, tokens: Sequence[int]) -> None:
+        if len(tokens):
+            self.mask[np.asarray(tokens, dtype=np.int64)] = True
+            self.any = True
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        """ids in the set, elementwise (ids must lie in the vocabulary)."""
+        return self.mask[ids]
 
 
-def _seen(ids: np.ndarray, token_set: np.ndarray) -> np.ndarray:
-    """ids in token_set (a `_token_set`), elementwise."""
-    if token_set.size == 0:
-        return np.zeros(ids.shape, dtype=bool)
-    found = np.minimum(np.searchsorted(token_set, ids), token_set.size - 1)
-    return token_set[found] == ids
+class _SortedTokens:
+    """Any other `generated`, sorted once per call: membership by binary search, far cheaper than np.isin."""
+
+    def __init__(self, generated: Sequence[int] | np.ndarray) -> None:
+        self.ids = np.sort(np.asarray(generated, dtype=np.int64))
+        self.any = self.ids.size > 0
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        if not self.any:
+            return np.zeros(ids.shape, dtype=bool)
+        found = np.minimum(np.searchsorted(self.ids, ids), self.ids.size - 1)
+        return self.ids[found] == ids
+
+
+def _token_set(generated: Sequence[int] | np.ndarray | SeenTokens) -> SeenTokens | _SortedTokens:
+    return generated if isinstance(generated, SeenTokens) else _SortedTokens(generated)
 
 
 def _draw(weights: np.ndarray, greedy: bool, rng: np.random.Generator) -> int:
     """Flat index of a cell: argmax if greedy, else inverse CDF of one rng.random() in C order.
 
-    Two levels (sums of the slices along the first axis, then one slice) so a 50**3 grid
-    is not cumsummed whole; the cell is the same as one running sum over the grid up to
-    rounding.
+    A 1-D array (a head's top-k) is drawn with one running sum, the reference's draw to
+    the last bit. A grid goes in two levels (sums of the slices along the first axis, then
+    one slice) so a 50**3 grid is not cumsummed whole; the cell is the same as one running
+    sum over the grid up to rounding.
     """
+    if weights.ndim == 1:
+        return _draw_sequential(weights, greedy, rng)
     flat = weights.reshape(-1)
     if greedy:
         return int(np.argmax(flat))
-    rows = flat.reshape(weights.shape[0] if weights.ndim > 1 else 1, -1)  # (k_1, cells / k_1): few long rows
+    rows = flat.reshape(weights.shape[0], -1)  # (k_1, cells / k_1): few long rows
     width = rows.shape[1]
     row_cdf = np.cumsum(rows.sum(axis=1))
     target = rng.random() * row_cdf[-1]
@@ -589,7 +628,7 @@ def _draw(weights: np.ndarray, greedy: bool, rng: np.random.Generator) -> int:
 
 
 def _draw_sequential(weights: np.ndarray, greedy: bool, rng: np.random.Generator) -> int:
-    """`_draw` over a 1-D array with one running sum: the reference's draw, rounding included."""
+    """A draw over a 1-D array with one running sum: the reference's draw, rounding included."""
     if greedy:
         return int(np.argmax(weights))
     cdf = np.cumsum(weights)
