@@ -694,7 +694,10 @@ def ar_distribution(
     logits_row: np.ndarray, generated: Sequence[int] | np.ndarray, config: SamplingConfig
 ) -> TopK:
     """The normalised distribution `sample_ar` draws from (top-k, temperature, penalty)."""
-    top = head_topk(logits_row, config.top_k, config.temperature or 1.0)
+    return _normalised(head_topk(logits_row, config.top_k, config.temperature or 1.0), generated, config)
+
+
+def _normalised(top: TopK, generated: Sequence[int] | np.ndarray, config: SamplingConfig) -> TopK:
     weights = _penalised(top, _token_set(generated), config)
     return TopK(top.ids, weights / weights.sum())
 
@@ -710,8 +713,9 @@ def draft_tokens(
     head_logits = _check_logits(head_logits)
     context = list(np.asarray(generated, dtype=np.int64).tolist())
     tokens, dists = [], []
-    for row in head_logits:
-        dist = ar_distribution(row, context, config)
+    # Every head's top-k in one call: the penalty, which depends on the earlier drafts, comes after.
+    for top in heads_topk(head_logits, config.top_k, config.temperature or 1.0):
+        dist = _normalised(top, context, config)
         token = int(dist.ids[_draw(dist.probs, config.greedy, rng)])
         tokens.append(token)
         dists.append(dist)
@@ -742,20 +746,22 @@ def verify_drafts(
             f"got {head1_logits.shape[0]} rows and {len(draft.dists)} distributions"
         )
     context = list(np.asarray(generated, dtype=np.int64).tolist())
+    # Head 1's top-k at every fed position in one call (what `sample_ar` would compute row by row).
+    tops = heads_topk(head1_logits, config.top_k, config.temperature or 1.0)
     for j, (token, q) in enumerate(zip(draft.tokens, draft.dists, strict=True)):
         if config.greedy:
-            target = sample_ar(head1_logits[j], context, config, rng)
+            target = _draw_head1(tops[j], _token_set(context), config, rng)
             if target != token:
                 return Verified((*draft.tokens[:j], target), j)
         else:
-            p = ar_distribution(head1_logits[j], context, config)
+            p = _normalised(tops[j], context, config)
             q_x = _prob(q, token)
             if q_x <= 0:
                 raise SamplingError(f"draft token {token} has probability 0 under its own draft distribution")
             if rng.random() >= _prob(p, token) / q_x:
                 return Verified((*draft.tokens[:j], _draw_residual(p, q, head1_logits.shape[1], rng)), j)
         context.append(token)
-    bonus = sample_ar(head1_logits[m], context, config, rng)
+    bonus = _draw_head1(tops[m], _token_set(context), config, rng)
     return Verified((*draft.tokens, bonus), m)
 
 
