@@ -137,8 +137,7 @@ def heads_topk(logits: np.ndarray, top_k: int, temperature: float, use_native: b
         raise SamplingError(f"logits contain NaN or +inf (max is {bad}); the model output is unusable")
     # (heads, V) float64: float32 would move probabilities by 1e-7, enough to shift Otsu bins and
     # eps_b decisions.
-    scaled = logits.astype(np.float64)  # exact; then the very subtraction of float64 values
-    scaled -= tops[:, None]
+    scaled = np.subtract(logits, tops[:, None], dtype=np.float64)  # exact casts, then a float64 subtraction
     if temperature != 1:
         scaled /= temperature
     np.exp(scaled, out=scaled)
