@@ -5,7 +5,8 @@ the whole vocabulary is part of the cost), 512 generated ids for the
 repetition penalty (as an int64 array; a Python list adds its conversion), and
 optionally co-occurrence weights. The weights come from a stub that returns a
 fixed sparse random grid, so the lookup in runtime/cooccurrence.py is not timed
-here; only what the sampler does with W.
+here; only what the sampler does with W, on its numpy path (the compiled kernel reads
+real CSR masks: benchmarks/bench_sampler_kernel.py compares the two on an artifact).
 
 Three eps_b settings span the work of Algorithm 1:
 - 0 ("passes"): every step emits at n = 3 after one full grid -- weighting,
