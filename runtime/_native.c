@@ -114,34 +114,6 @@ static int compare_int64(const void *a, const void *b) {
     return (x > y) - (x < y);
 }
 
-/* The mirrored neighbour of position i on an axis of length n (|offset| = 1). */
-static inline Py_ssize_t mirror(Py_ssize_t i, Py_ssize_t n) {
-    if (n == 1) return 0;
-    if (i < 0) return -i;
-    if (i >= n) return 2 * (n - 1) - i;
-    return i;
-}
-
-/* out = 2 x ([1, 2, 1] / 4 blur of src along `axis`) over a C-contiguous box of `shape`. */
-static void blur3_axis(const double *src, double *out, const Py_ssize_t *shape, int ndim, int axis) {
-    Py_ssize_t n = shape[axis], inner = 1, outer = 1;
-    for (int a = axis + 1; a < ndim; a++) inner *= shape[a];
-    for (int a = 0; a < axis; a++) outer *= shape[a];
-    for (Py_ssize_t o = 0; o < outer; o++) {
-        for (Py_ssize_t i = 0; i < n; i++) {
-            const double *c = src + (o * n + i) * inner;
-            const double *l = src + (o * n + mirror(i - 1, n)) * inner;
-            const double *r = src + (o * n + mirror(i + 1, n)) * inner;
-            double *dst = out + (o * n + i) * inner;
-            for (Py_ssize_t x = 0; x < inner; x++) {
-                double t = l[x] + r[x];
-                t = t * 0.5;
-                dst[x] = t + c[x];
-            }
-        }
-    }
-}
-
 /* Otsu's split over a histogram: numpy's otsu_split in runtime/sampling.py, the same operations. */
 static int otsu_split(const int64_t *counts) {
     int64_t total = 0, index_sum = 0;
@@ -188,53 +160,23 @@ static int fail(const char *message) {
     return -1;
 }
 
-/* joint(shape, ids, probs, pair_indptr, pair_indices, pair_values, triple_indptr, triple_indices,
- *       triple_values, rank, mass, bound, static_threshold, otsu, blur, out_cells, out_values, work,
- *       iwork, flags, pair_grid, reuse_pairs)
- * rank (int32, one per token) must hold -1, the first third of work (float64) and flags (uint8)
- * 0; the call leaves them so. work (float64) and iwork (int64) hold 3 and 5 values per cell,
- * the outputs 1. pair_grid (int64, k1 x k2) holds the pair entry ids; with reuse_pairs set it
- * already holds those of these first two id lists, from the previous call.
- * -> count of cells written to out_cells / out_values (ascending C-order cell ids, J there),
- *    or -1 when min(max J, 1) <= bound before Otsu (the step backs off). */
-static PyObject *joint(PyObject *self, PyObject *args) {
-    PyObject *shape_obj;
-    Buffers b;
-    memset(&b, 0, sizeof(b));
-    double mass, bound, static_threshold;
-    int otsu, blur, reuse_pairs;
-    if (!PyArg_ParseTuple(args, "O!y*y*y*y*y*y*y*y*w*dddiiw*w*w*w*w*w*i", &PyTuple_Type, &shape_obj, &b.ids, &b.probs,
-                          &b.pair_indptr, &b.pair_indices, &b.pair_values, &b.triple_indptr, &b.triple_indices,
-                          &b.triple_values, &b.rank, &mass, &bound, &static_threshold, &otsu, &blur,
-                          &b.out_cells, &b.out_values, &b.work, &b.iwork, &b.flags, &b.pair_grid, &reuse_pairs)) {
-        release(&b);
-        return NULL;
-    }
-    int ndim = (int)PyTuple_GET_SIZE(shape_obj);
-    Py_ssize_t shape[MAX_ORDER], size = 1, ksum = 0;
+/* The weighted joint over the grid of `shape` (candidates of axis a at ids + sum of the earlier
+ * axes' sizes, likewise probs) into b->out_cells / b->out_values: the count, -1 when
+ * min(max J, 1) <= bound before Otsu, -2 with a Python error set. */
+static Py_ssize_t joint_core(Buffers *bufs, int ndim, const Py_ssize_t *shape, const int64_t *ids_base,
+                             const double *probs_base, double mass, double bound, double static_threshold, int otsu,
+                             int blur, int reuse_pairs) {
+    Buffers b = *bufs;
+    Py_ssize_t size = 1, result = -2;
     int64_t *part = NULL;
-    Py_ssize_t result = -2;
-    if (ndim < 2 || ndim > MAX_ORDER) {
-        fail("joint: the grid must have 2 or 3 axes");
-        goto done;
-    }
-    for (int a = 0; a < ndim; a++) {
-        shape[a] = PyLong_AsSsize_t(PyTuple_GET_ITEM(shape_obj, a));
-        if (shape[a] < 1) {
-            if (!PyErr_Occurred()) fail("joint: every axis needs at least one candidate");
-            goto done;
-        }
-        size *= shape[a];
-        ksum += shape[a];
-    }
+    for (int a = 0; a < ndim; a++) size *= shape[a];
     Py_ssize_t vocab = b.rank.len / (Py_ssize_t)sizeof(int32_t);
     Table pairs = {b.pair_indptr.buf, b.pair_indices.buf, b.pair_values.buf,
                    b.pair_indptr.len / (Py_ssize_t)sizeof(int64_t) - 1, b.pair_indices.len / (Py_ssize_t)sizeof(int32_t)};
     Table triples = {b.triple_indptr.buf, b.triple_indices.buf, b.triple_values.buf,
                      b.triple_indptr.len / (Py_ssize_t)sizeof(int64_t) - 1,
                      b.triple_indices.len / (Py_ssize_t)sizeof(int32_t)};
-    if (b.ids.len != ksum * (Py_ssize_t)sizeof(int64_t) || b.probs.len != ksum * (Py_ssize_t)sizeof(double) ||
-        pairs.rows != vocab || b.pair_values.len != pairs.nnz * (Py_ssize_t)sizeof(float) ||
+    if (pairs.rows != vocab || b.pair_values.len != pairs.nnz * (Py_ssize_t)sizeof(float) ||
         (ndim == 3 && (triples.rows != pairs.nnz || b.triple_values.len != triples.nnz * (Py_ssize_t)sizeof(float))) ||
         b.out_cells.len < size * (Py_ssize_t)sizeof(int64_t) || b.out_values.len < size * (Py_ssize_t)sizeof(double) ||
         b.work.len < 3 * size * (Py_ssize_t)sizeof(double) || b.iwork.len < 3 * size * (Py_ssize_t)sizeof(Point) ||
@@ -245,8 +187,8 @@ static PyObject *joint(PyObject *self, PyObject *args) {
     const int64_t *ids[MAX_ORDER];
     const double *probs[MAX_ORDER];
     for (int a = 0, offset = 0; a < ndim; offset += (int)shape[a], a++) {
-        ids[a] = (const int64_t *)b.ids.buf + offset;
-        probs[a] = (const double *)b.probs.buf + offset;
+        ids[a] = ids_base + offset;
+        probs[a] = probs_base + offset;
         for (Py_ssize_t j = 0; j < shape[a]; j++)
             if (ids[a][j] < 0 || ids[a][j] >= vocab) {
                 fail("joint: a candidate id is outside the vocabulary");
@@ -492,9 +434,187 @@ static PyObject *joint(PyObject *self, PyObject *args) {
 
 done:
     PyMem_Free(part);
+    return result;
+}
+
+/* joint(shape, ids, probs, pair_indptr, pair_indices, pair_values, triple_indptr, triple_indices,
+ *       triple_values, rank, mass, bound, static_threshold, otsu, blur, out_cells, out_values, work,
+ *       iwork, flags, pair_grid, reuse_pairs)
+ * rank (int32, one per token) must hold -1, the first third of work (float64) and flags (uint8)
+ * 0; the call leaves them so. work (float64) and iwork (int64) hold 3 and 5 values per cell,
+ * the outputs 1. pair_grid (int64, k1 x k2) holds the pair entry ids; with reuse_pairs set it
+ * already holds those of these first two id lists, from the previous call.
+ * -> count of cells written to out_cells / out_values (ascending C-order cell ids, J there),
+ *    or -1 when min(max J, 1) <= bound before Otsu (the step backs off). */
+static PyObject *joint(PyObject *self, PyObject *args) {
+    PyObject *shape_obj;
+    Buffers b;
+    memset(&b, 0, sizeof(b));
+    double mass, bound, static_threshold;
+    int otsu, blur, reuse_pairs;
+    if (!PyArg_ParseTuple(args, "O!y*y*y*y*y*y*y*y*w*dddiiw*w*w*w*w*w*i", &PyTuple_Type, &shape_obj, &b.ids, &b.probs,
+                          &b.pair_indptr, &b.pair_indices, &b.pair_values, &b.triple_indptr, &b.triple_indices,
+                          &b.triple_values, &b.rank, &mass, &bound, &static_threshold, &otsu, &blur,
+                          &b.out_cells, &b.out_values, &b.work, &b.iwork, &b.flags, &b.pair_grid, &reuse_pairs)) {
+        release(&b);
+        return NULL;
+    }
+    int ndim = (int)PyTuple_GET_SIZE(shape_obj);
+    Py_ssize_t shape[MAX_ORDER], ksum = 0, result = -2;
+    if (ndim < 2 || ndim > MAX_ORDER) {
+        fail("joint: the grid must have 2 or 3 axes");
+        goto done;
+    }
+    for (int a = 0; a < ndim; a++) {
+        shape[a] = PyLong_AsSsize_t(PyTuple_GET_ITEM(shape_obj, a));
+        if (shape[a] < 1) {
+            if (!PyErr_Occurred()) fail("joint: every axis needs at least one candidate");
+            goto done;
+        }
+        ksum += shape[a];
+    }
+    if (b.ids.len != ksum * (Py_ssize_t)sizeof(int64_t) || b.probs.len != ksum * (Py_ssize_t)sizeof(double)) {
+        fail("joint: buffer sizes do not match the grid and the tables");
+        goto done;
+    }
+    result = joint_core(&b, ndim, shape, b.ids.buf, b.probs.buf, mass, bound, static_threshold, otsu, blur, reuse_pairs);
+done:
     release(&b);
     if (result == -2) return NULL;
     return PyLong_FromSsize_t(result);
+}
+
+
+/* A draw over w[0..n): argmax (the first) if greedy, else one call of `random` and the first
+ * running sum above u * (running total): _draw_sequential in runtime/sampling.py. -2: error. */
+static Py_ssize_t draw_sequential(const double *w, Py_ssize_t n, int greedy, PyObject *random) {
+    if (greedy) {
+        Py_ssize_t best = 0;
+        for (Py_ssize_t i = 1; i < n; i++)
+            if (w[i] > w[best]) best = i;
+        return best;
+    }
+    PyObject *drawn = PyObject_CallNoArgs(random);
+    if (!drawn) return -2;
+    double u = PyFloat_AsDouble(drawn);
+    Py_DECREF(drawn);
+    if (u == -1.0 && PyErr_Occurred()) return -2;
+    double total = 0.0;
+    for (Py_ssize_t i = 0; i < n; i++) total += w[i];
+    double target = u * total, running = 0.0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        running += w[i];
+        if (running > target) return i;
+    }
+    /* Rounding left no sum above the target: the last step of positive mass. */
+    Py_ssize_t last = -1;
+    double previous = 0.0;
+    running = 0.0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        running += w[i];
+        if (running - previous > 0) last = i;
+        previous = running;
+    }
+    return last;
+}
+
+/* step(ids, probs, seen, masses, bounds, n_used, k, pair_indptr, pair_indices, pair_values,
+ *      triple_indptr, triple_indices, triple_values, rank, static_threshold, penalty, otsu, blur,
+ *      greedy, random, out_cells, out_values, work, iwork, flags, pair_grid, reuse_pairs)
+ * -> the tokens to emit, as a tuple: DynamicSampler.step's weighted path in one call. For
+ * n = n_used .. 2: back off at once if masses[n] cannot beat bounds[n], else the joint, the
+ * repetition penalty on its kept cells, the bound, and the draw; at n = 1 head 1 alone.
+ * ids / probs / seen (uint8: generated already) are (n_used, k), row a for head a + 1;
+ * masses and bounds (float64) are indexed by n and computed in Python as the numpy path does;
+ * `random` is rng.random, called once per non-greedy draw as the numpy path calls it. Scratch
+ * as for joint(); reuse_pairs applies to the first joint, later ones reuse its pair grid. */
+static PyObject *step(PyObject *self, PyObject *args) {
+    Buffers b;
+    memset(&b, 0, sizeof(b));
+    Py_buffer seen = {0}, masses = {0}, bounds = {0};
+    Py_ssize_t n_used, k;
+    double static_threshold, penalty;
+    int otsu, blur, greedy, reuse_pairs;
+    PyObject *random, *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*nny*y*y*y*y*y*w*ddiiiOw*w*w*w*w*w*i", &b.ids, &b.probs, &seen, &masses,
+                          &bounds, &n_used, &k, &b.pair_indptr, &b.pair_indices, &b.pair_values, &b.triple_indptr,
+                          &b.triple_indices, &b.triple_values, &b.rank, &static_threshold, &penalty, &otsu, &blur,
+                          &greedy, &random, &b.out_cells, &b.out_values, &b.work, &b.iwork, &b.flags, &b.pair_grid,
+                          &reuse_pairs)) {
+        release(&b);
+        PyBuffer_Release(&seen);
+        PyBuffer_Release(&masses);
+        PyBuffer_Release(&bounds);
+        return NULL;
+    }
+    const int64_t *ids = b.ids.buf;
+    const double *probs = b.probs.buf, *mass = masses.buf, *bound = bounds.buf;
+    const uint8_t *generated = seen.buf;
+    if (n_used < 1 || n_used > MAX_ORDER || k < 1 || b.ids.len != n_used * k * (Py_ssize_t)sizeof(int64_t) ||
+        b.probs.len != n_used * k * (Py_ssize_t)sizeof(double) || seen.len != n_used * k ||
+        masses.len < (n_used + 1) * (Py_ssize_t)sizeof(double) || bounds.len < (n_used + 1) * (Py_ssize_t)sizeof(double) ||
+        b.out_values.len < k * (Py_ssize_t)sizeof(double) || !PyCallable_Check(random)) {
+        fail("step: buffer sizes do not match n_used x k");
+        goto done;
+    }
+    int64_t tokens[MAX_ORDER];
+    Py_ssize_t emitted = 0;
+    for (Py_ssize_t n = n_used; n >= 2 && !emitted; n--) {
+        double capped = mass[n] * (1 + 1e-9); /* J <= mass: see DynamicSampler._weighted_joint */
+        if ((capped < 1.0 ? capped : 1.0) <= bound[n]) continue;
+        Py_ssize_t shape[MAX_ORDER] = {k, k, k};
+        Py_ssize_t count = joint_core(&b, (int)n, shape, ids, probs, mass[n], bound[n], static_threshold, otsu, blur,
+                                      n == n_used ? reuse_pairs : 1);
+        if (count == -2) goto done;
+        if (count < 0) continue;
+        int64_t *cells = b.out_cells.buf;
+        double *values = b.out_values.buf, peak = 0.0;
+        for (Py_ssize_t c = 0; c < count; c++) {
+            if (penalty != 1.0) { /* once per axis whose candidate was generated, axis by axis */
+                Py_ssize_t coord[MAX_ORDER], rest = cells[c];
+                for (Py_ssize_t a = n - 1; a >= 0; a--) {
+                    coord[a] = rest % k;
+                    rest /= k;
+                }
+                for (Py_ssize_t a = 0; a < n; a++)
+                    if (generated[a * k + coord[a]]) values[c] = values[c] / penalty;
+            }
+            if (values[c] > peak) peak = values[c];
+        }
+        if (!((peak < 1.0 ? peak : 1.0) > bound[n])) continue;
+        Py_ssize_t pick = draw_sequential(values, count, greedy, random);
+        if (pick == -2) goto done;
+        Py_ssize_t rest = cells[pick];
+        for (Py_ssize_t a = n - 1; a >= 0; a--) {
+            tokens[a] = ids[a * k + rest % k];
+            rest /= k;
+        }
+        emitted = n;
+    }
+    if (!emitted) { /* head 1 alone: its top-k over the penalty (x / 1.0 is x) */
+        double *weights = b.out_values.buf;
+        for (Py_ssize_t j = 0; j < k; j++) weights[j] = probs[j] / (generated[j] && penalty != 1.0 ? penalty : 1.0);
+        Py_ssize_t pick = draw_sequential(weights, k, greedy, random);
+        if (pick == -2) goto done;
+        tokens[0] = ids[pick];
+        emitted = 1;
+    }
+    result = PyTuple_New(emitted);
+    if (!result) goto done;
+    for (Py_ssize_t i = 0; i < emitted; i++) {
+        PyObject *token = PyLong_FromLongLong(tokens[i]);
+        if (!token) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyTuple_SET_ITEM(result, i, token);
+    }
+done:
+    release(&b);
+    PyBuffer_Release(&seen);
+    PyBuffer_Release(&masses);
+    PyBuffer_Release(&bounds);
+    return result;
 }
 
 /* Better candidate first: higher logit, then lower token id. */
@@ -629,6 +749,7 @@ done:
 }
 
 static PyMethodDef methods[] = {
+    {"step", step, METH_VARARGS, "One pass of Algorithm 1 with co-occurrence weights (see runtime/native.py)."},
     {"select", select_topk, METH_VARARGS, "Each row's top-k ids and probabilities (see runtime/native.py)."},
     {"joint", joint, METH_VARARGS, "DynaMo's co-occurrence weighted joint over the stored n-grams (see runtime/native.py)."},
     {NULL, NULL, 0, NULL},

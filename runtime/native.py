@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from runtime.config import SamplingConfig
+
 if os.environ.get("DYNAMO_NATIVE", "1") == "0":  # opt out, e.g. to compare the two paths
     _native = None
 else:
@@ -44,6 +46,18 @@ class CsrTables(NamedTuple):
     triple_indptr: np.ndarray  # (P + 1,) int64, or (1,) without triples
     triple_indices: np.ndarray  # (T,) int32
     triple_values: np.ndarray  # (T,) float32
+
+
+def supports_step(masks, config: SamplingConfig, n_heads: int, k: int) -> bool:
+    """Whether one kernel call can do a whole step: weights at every n >= 2, within `supports`."""
+    return (
+        n_heads >= 2
+        and hasattr(masks, "csr_tables")
+        and all(
+            n in masks.orders and supports(n, k**n, config.alpha_c, config.adaptive, config.blur)
+            for n in range(2, n_heads + 1)
+        )
+    )
 
 
 def supports(order: int, cells: int, alpha_c: float, adaptive: bool, blur: int) -> bool:
@@ -90,8 +104,8 @@ def topk_ids(
     return ids, probs
 
 
-class NativeJoint:
-    """Scratch for one sampler (not thread-safe, like the sampler itself)."""
+class NativeSampler:
+    """The kernel's scratch for one sampler (not thread-safe, like the sampler itself)."""
 
     def __init__(self) -> None:
         self._rank = np.empty(0, dtype=np.int32)
@@ -122,23 +136,7 @@ class NativeJoint:
         """
         assert _native is not None
         shape = tuple(int(x.size) for x in ids)
-        size = math.prod(shape)
-        vocab = tables.pair_indptr.size - 1
-        if self._rank.size != vocab:
-            self._rank = np.full(vocab, -1, dtype=np.int32)  # the kernel restores every slot it sets
-        if self._cells.size < size:
-            self._cells = np.empty(size, dtype=np.int64)
-            self._values = np.empty(size, dtype=np.float64)
-            self._work = np.zeros(3 * size, dtype=np.float64)
-            self._iwork = np.empty(5 * size, dtype=np.int64)
-            self._flags = np.zeros(size, dtype=np.uint8)
-        first, second = (np.ascontiguousarray(x, dtype=np.int64) for x in ids[:2])
-        key = (first.tobytes(), second.tobytes())
-        if self._pair_grid.size < first.size * second.size:
-            self._pair_grid = np.empty(first.size * second.size, dtype=np.int64)
-            self._pair_key = None
-        reuse = key == self._pair_key and tables.pair_indices is self._pair_table
-        self._pair_key = None  # until the call below succeeds
+        reuse = self._prepare(math.prod(shape), ids[0], ids[1], tables)
         count = _native.joint(
             shape,
             np.concatenate(ids).astype(np.int64, copy=False),
@@ -150,15 +148,76 @@ class NativeJoint:
             float(static_threshold),
             int(adaptive),
             int(blur),
-            self._cells,
-            self._values,
-            self._work,
-            self._iwork,
-            self._flags,
-            self._pair_grid,
+            *self._scratch(),
             int(reuse),
         )
-        self._pair_key, self._pair_table = key, tables.pair_indices
+        self._pair_key, self._pair_table = (ids[0].tobytes(), ids[1].tobytes()), tables.pair_indices
         if count < 0:
             return None
         return self._cells[:count].copy(), self._values[:count].copy()
+
+    def step(
+        self,
+        ids: np.ndarray,
+        probs: np.ndarray,
+        seen: np.ndarray,
+        tables: CsrTables,
+        config: SamplingConfig,
+        rng: np.random.Generator,
+    ) -> tuple[int, ...]:
+        """The tokens one pass emits: DynamicSampler.step with co-occurrence weights at every n
+        (`supports_step`), in one call. ids / probs (n, k) are the heads' top-k, seen (n, k)
+        bool marks the generated ones.
+        """
+        assert _native is not None
+        n, k = ids.shape
+        # As the numpy path computes them: each head's top-k mass, multiplied head by head.
+        sums = probs.sum(axis=1).tolist()
+        masses = np.array([math.prod(sums[:m]) for m in range(n + 1)])
+        bounds = np.array([config.eps_b ** (m - 1) if m else 0.0 for m in range(n + 1)])
+        reuse = self._prepare(k**n, ids[0], ids[1], tables)
+        tokens = _native.step(
+            ids,
+            probs,
+            seen.view(np.uint8),
+            masses,
+            bounds,
+            n,
+            k,
+            *tables,
+            self._rank,
+            float(config.static_threshold),
+            float(config.repetition_penalty),
+            int(config.adaptive),
+            int(config.blur),
+            int(config.greedy),
+            rng.random,
+            *self._scratch(),
+            int(reuse),
+        )
+        self._pair_key, self._pair_table = (ids[0].tobytes(), ids[1].tobytes()), tables.pair_indices
+        return tokens
+
+    def _prepare(self, size: int, first: np.ndarray, second: np.ndarray, tables: CsrTables) -> bool:
+        """Grow the scratch to a grid of `size` cells; whether the last call's pair grid fits these ids."""
+        vocab = tables.pair_indptr.size - 1
+        if self._rank.size != vocab:
+            self._rank = np.full(vocab, -1, dtype=np.int32)  # the kernel restores every slot it sets
+        if self._cells.size < size:
+            self._cells = np.empty(size, dtype=np.int64)
+            self._values = np.empty(size, dtype=np.float64)
+            self._work = np.zeros(3 * size, dtype=np.float64)
+            self._iwork = np.empty(5 * size, dtype=np.int64)
+            self._flags = np.zeros(size, dtype=np.uint8)
+        if self._pair_grid.size < first.size * second.size:
+            self._pair_grid = np.empty(first.size * second.size, dtype=np.int64)
+            self._pair_key = None
+        reuse = (
+            first.tobytes(),
+            second.tobytes(),
+        ) == self._pair_key and tables.pair_indices is self._pair_table
+        self._pair_key = None  # until the coming call succeeds
+        return reuse
+
+    def _scratch(self) -> tuple[np.ndarray, ...]:
+        return self._cells, self._values, self._work, self._iwork, self._flags, self._pair_grid

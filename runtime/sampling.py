@@ -235,7 +235,7 @@ class DynamicSampler:
     def __init__(self, use_native: bool = True) -> None:
         """`use_native=False` keeps to numpy where the compiled joint (runtime/native.py) would serve."""
         self._scratch: dict[str, np.ndarray] = {}
-        self._native = native.NativeJoint() if use_native and native.AVAILABLE else None
+        self._native = native.NativeSampler() if use_native and native.AVAILABLE else None
 
     def step(
         self,
@@ -257,6 +257,10 @@ class DynamicSampler:
         # eps_b = 1 can never emit more than one token: skip building the grids.
         used = n_heads if config.eps_b < 1 else 1
         topks = heads_topk(logits[:used], config.top_k, temperature, self._native is not None)
+        if self._native is not None and native.supports_step(masks, config, used, topks[0].ids.size):
+            ids, probs = np.stack([t.ids for t in topks]), np.stack([t.probs for t in topks])
+            tokens = self._native.step(ids, probs, token_set.contains(ids), masks.csr_tables(), config, rng)
+            return StepResult(tokens, n_heads - len(tokens))
         for n in range(used, 1, -1):
             joint = self._joint_above(topks[:n], token_set, masks, config, config.eps_b ** (n - 1))
             if joint is not None:

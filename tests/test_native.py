@@ -78,6 +78,7 @@ def test_kernel_steps_equal_numpy_steps(masks, eps_b, temperature):
     rng = np.random.default_rng(int(eps_b * 100) + int(temperature * 10))
     config = SamplingConfig(eps_b=eps_b, temperature=temperature)
     compiled, plain = DynamicSampler(), DynamicSampler(use_native=False)
+    assert native.supports_step(masks[0][1], config, 3, config.top_k)  # the whole step is one kernel call
     lengths = set()
     for step in range(30):
         vocab, mask = masks[step % len(masks)]
@@ -199,6 +200,20 @@ def test_kernel_rejects_buffers_that_do_not_fit():
         call(rank=np.full(9, -1, dtype=np.int32))  # vocabulary disagrees with the pair table
     with pytest.raises(ValueError, match="outside the vocabulary"):
         call(ids=np.array([0, 1, 2, 8], dtype=np.int64))
+    scratch = (
+        np.empty(8, np.int64),
+        np.empty(8),
+        np.zeros(24),
+        np.empty(40, np.int64),
+        np.zeros(8, np.uint8),
+    )
+    step_args = [ids.reshape(2, 2), probs.reshape(2, 2), np.zeros((2, 2), np.uint8), np.ones(3), np.zeros(3), 2, 2,
+                 pair_indptr, empty_i, empty_f, np.zeros(1, np.int64), empty_i, empty_f, rank, 0.0, 1.1, 1, 3, 0,
+                 np.random.default_rng(0).random, *scratch, np.empty(4, np.int64), 0]  # fmt: skip
+    assert len(_native.step(*step_args)) == 1  # nothing stored: head 1 alone
+    step_args[2] = np.zeros((2, 3), np.uint8)  # seen does not match the candidates
+    with pytest.raises(ValueError, match="buffer sizes"):
+        _native.step(*step_args)
     with pytest.raises(ValueError, match="buffer sizes"):
         _native.select(
             np.zeros(10, np.float32),
