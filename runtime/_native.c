@@ -1,4 +1,4 @@
-/* The weighted joint of DynaMo's Algorithm 1 in one call: runtime/sampling.py's hot path.
+/* DynaMo's Algorithm 1 with co-occurrence weights, one pass per call: runtime/sampling.py's hot path.
  *
  * Why C: with masks, a step of the numpy sampler is ~150 small array calls (lookups in
  * the co-occurrence CSR tables, the joint over the stored n-grams, the blurred Otsu
@@ -521,13 +521,15 @@ static Py_ssize_t draw_sequential(const double *w, Py_ssize_t n, int greedy, PyO
 /* step(ids, probs, seen, masses, bounds, n_used, k, pair_indptr, pair_indices, pair_values,
  *      triple_indptr, triple_indices, triple_values, rank, static_threshold, penalty, otsu, blur,
  *      greedy, random, out_cells, out_values, work, iwork, flags, pair_grid, reuse_pairs)
- * -> the tokens to emit, as a tuple: DynamicSampler.step's weighted path in one call. For
+ * -> (the tokens to emit as a tuple, whether pair_grid now holds these ids' pairs):
+ * DynamicSampler.step's weighted path in one call. For
  * n = n_used .. 2: back off at once if masses[n] cannot beat bounds[n], else the joint, the
  * repetition penalty on its kept cells, the bound, and the draw; at n = 1 head 1 alone.
  * ids / probs / seen (uint8: generated already) are (n_used, k), row a for head a + 1;
  * masses and bounds (float64) are indexed by n and computed in Python as the numpy path does;
  * `random` is rng.random, called once per non-greedy draw as the numpy path calls it. Scratch
- * as for joint(); reuse_pairs applies to the first joint, later ones reuse its pair grid. */
+ * as for joint(); reuse_pairs says pair_grid already holds these ids' pairs (a step that skips
+ * every joint leaves it as it was). */
 static PyObject *step(PyObject *self, PyObject *args) {
     Buffers b;
     memset(&b, 0, sizeof(b));
@@ -559,13 +561,15 @@ static PyObject *step(PyObject *self, PyObject *args) {
     }
     int64_t tokens[MAX_ORDER];
     Py_ssize_t emitted = 0;
+    int pairs_ready = reuse_pairs; /* pair_grid holds these ids' pairs: from the last call, or this one's first joint */
     for (Py_ssize_t n = n_used; n >= 2 && !emitted; n--) {
         double capped = mass[n] * (1 + 1e-9); /* J <= mass: see DynamicSampler._weighted_joint */
         if ((capped < 1.0 ? capped : 1.0) <= bound[n]) continue;
         Py_ssize_t shape[MAX_ORDER] = {k, k, k};
         Py_ssize_t count = joint_core(&b, (int)n, shape, ids, probs, mass[n], bound[n], static_threshold, otsu, blur,
-                                      n == n_used ? reuse_pairs : 1);
+                                      pairs_ready);
         if (count == -2) goto done;
+        pairs_ready = 1;
         if (count < 0) continue;
         int64_t *cells = b.out_cells.buf;
         double *values = b.out_values.buf, peak = 0.0;
@@ -599,16 +603,17 @@ static PyObject *step(PyObject *self, PyObject *args) {
         tokens[0] = ids[pick];
         emitted = 1;
     }
-    result = PyTuple_New(emitted);
-    if (!result) goto done;
+    PyObject *emitted_tokens = PyTuple_New(emitted);
+    if (!emitted_tokens) goto done;
     for (Py_ssize_t i = 0; i < emitted; i++) {
         PyObject *token = PyLong_FromLongLong(tokens[i]);
         if (!token) {
-            Py_CLEAR(result);
+            Py_DECREF(emitted_tokens);
             goto done;
         }
-        PyTuple_SET_ITEM(result, i, token);
+        PyTuple_SET_ITEM(emitted_tokens, i, token);
     }
+    result = Py_BuildValue("(Ni)", emitted_tokens, pairs_ready);
 done:
     release(&b);
     PyBuffer_Release(&seen);

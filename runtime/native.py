@@ -1,4 +1,5 @@
-"""The compiled weighted joint (runtime/_native.c) behind a numpy-shaped call; None-safe.
+"""The compiled sampler kernel (runtime/_native.c) behind numpy-shaped calls: a whole weighted
+dynamic step, the weighted joint alone, and the top-k search.
 
 `pip install` builds the C file as an optional extension: where no compiler is at
 hand the install still succeeds, `AVAILABLE` is False, and the sampler keeps to its
@@ -176,7 +177,7 @@ class NativeSampler:
         masses = np.array([math.prod(sums[:m]) for m in range(n + 1)])
         bounds = np.array([config.eps_b ** (m - 1) if m else 0.0 for m in range(n + 1)])
         reuse = self._prepare(k**n, ids[0], ids[1], tables)
-        tokens = _native.step(
+        tokens, pairs_ready = _native.step(
             ids,
             probs,
             seen.view(np.uint8),
@@ -195,7 +196,8 @@ class NativeSampler:
             *self._scratch(),
             int(reuse),
         )
-        self._pair_key, self._pair_table = (ids[0].tobytes(), ids[1].tobytes()), tables.pair_indices
+        if pairs_ready:  # a step whose every joint was skipped computed no pairs
+            self._pair_key, self._pair_table = (ids[0].tobytes(), ids[1].tobytes()), tables.pair_indices
         return tokens
 
     def _prepare(self, size: int, first: np.ndarray, second: np.ndarray, tables: CsrTables) -> bool:

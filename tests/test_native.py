@@ -94,6 +94,24 @@ def test_kernel_steps_equal_numpy_steps(masks, eps_b, temperature):
         assert len(lengths) > 1, "the steps should both emit and back off"
 
 
+def test_kernel_step_that_skips_three_tokens_looks_its_pairs_up(masks):
+    """A flat third head caps J at n = 3 below the bound before any lookup; n = 2 must then find
+    its own pairs, not a grid left from another step (or never written, on a sampler's first)."""
+    rng = np.random.default_rng(8)
+    config = SamplingConfig(top_k=5, eps_b=0.5, adaptive=False, blur=0)
+    compiled, plain = DynamicSampler(), DynamicSampler(use_native=False)
+    _vocab, mask = masks[1]
+    emitted = set()
+    for _ in range(40):
+        logits = (rng.normal(size=(3, 64)) * 6.0).astype(np.float32)
+        logits[2] = rng.normal(size=64).astype(np.float32) * 0.01  # top-5 mass ~5/64: M3 < 0.25
+        seed = int(rng.integers(2**32))
+        result = compiled.step(logits, [], mask, config, np.random.default_rng(seed))
+        assert result == plain.step(logits, [], mask, config, np.random.default_rng(seed))
+        emitted.add(len(result.tokens))
+    assert emitted == {1, 2}, "steps should back off to pairs and emit them"
+
+
 @st.composite
 def kernel_steps(draw):
     n_heads = draw(st.sampled_from([2, 3]))
@@ -210,7 +228,8 @@ def test_kernel_rejects_buffers_that_do_not_fit():
     step_args = [ids.reshape(2, 2), probs.reshape(2, 2), np.zeros((2, 2), np.uint8), np.ones(3), np.zeros(3), 2, 2,
                  pair_indptr, empty_i, empty_f, np.zeros(1, np.int64), empty_i, empty_f, rank, 0.0, 1.1, 1, 3, 0,
                  np.random.default_rng(0).random, *scratch, np.empty(4, np.int64), 0]  # fmt: skip
-    assert len(_native.step(*step_args)) == 1  # nothing stored: head 1 alone
+    tokens, pairs_ready = _native.step(*step_args)
+    assert len(tokens) == 1 and pairs_ready  # nothing stored: head 1 alone
     step_args[2] = np.zeros((2, 3), np.uint8)  # seen does not match the candidates
     with pytest.raises(ValueError, match="buffer sizes"):
         _native.step(*step_args)
