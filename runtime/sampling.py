@@ -129,6 +129,16 @@ def heads_topk(logits: np.ndarray, top_k: int, temperature: float, use_native: b
     The compiled kernel (runtime/native.py) finds the top k in one call where numpy takes a
     dozen, and divides the same numbers; `use_native=False` keeps to numpy.
     """
+    return [
+        TopK(ids, probs)
+        for ids, probs in zip(*_topk_arrays(logits, top_k, temperature, use_native), strict=True)
+    ]
+
+
+def _topk_arrays(
+    logits: np.ndarray, top_k: int, temperature: float, use_native: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """`heads_topk` as two (heads, k) arrays: ids (int64) and probabilities (float64)."""
     logits = np.asarray(logits)
     k = min(top_k, logits.shape[1])
     tops = logits.max(axis=1)
@@ -145,11 +155,9 @@ def heads_topk(logits: np.ndarray, top_k: int, temperature: float, use_native: b
     if use_native and native.AVAILABLE:
         found = native.topk_ids(logits, k, scaled, totals)
         if found is not None:
-            return [TopK(ids, probs) for ids, probs in zip(*found, strict=True)]
-    return [
-        TopK(ids, weights[ids] / total)
-        for ids, weights, total in zip(_topk_ids(logits, k), scaled, totals, strict=True)
-    ]
+            return found
+    ids = np.stack(_topk_ids(logits, k))
+    return ids, np.take_along_axis(scaled, ids, axis=1) / totals[:, None]
 
 
 def _topk_ids(logits: np.ndarray, k: int) -> list[np.ndarray]:
@@ -256,11 +264,11 @@ class DynamicSampler:
         temperature = config.temperature or 1.0
         # eps_b = 1 can never emit more than one token: skip building the grids.
         used = n_heads if config.eps_b < 1 else 1
-        topks = heads_topk(logits[:used], config.top_k, temperature, self._native is not None)
-        if self._native is not None and native.supports_step(masks, config, used, topks[0].ids.size):
-            ids, probs = np.stack([t.ids for t in topks]), np.stack([t.probs for t in topks])
+        ids, probs = _topk_arrays(logits[:used], config.top_k, temperature, self._native is not None)
+        if self._native is not None and native.supports_step(masks, config, used, ids.shape[1]):
             tokens = self._native.step(ids, probs, token_set.contains(ids), masks.csr_tables(), config, rng)
             return StepResult(tokens, n_heads - len(tokens))
+        topks = [TopK(i, p) for i, p in zip(ids, probs, strict=True)]
         for n in range(used, 1, -1):
             joint = self._joint_above(topks[:n], token_set, masks, config, config.eps_b ** (n - 1))
             if joint is not None:
