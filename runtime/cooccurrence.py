@@ -476,6 +476,7 @@ class CooccurrenceMask:
         # asks for the pairs of the same two candidate lists twice; one tuple, replaced whole,
         # so a thread sharing the mask sees a stale entry only as a miss.
         self._last_pairs: tuple[bytes, bytes, np.ndarray] | None = None
+        self._csr_tables: CsrTables | None = None
 
     @classmethod
     def load(cls, path: str | os.PathLike, expected_vocab_size: int | None = None) -> CooccurrenceMask:
@@ -516,12 +517,16 @@ class CooccurrenceMask:
         return cells[order], values[order]
 
     def csr_tables(self) -> CsrTables:
-        """The CSR arrays behind the lookups, as the compiled sampler reads them."""
-        if 3 in self.orders:
-            triples = (self._triples.indptr, self._triples.indices, self._triples.values[:-1])
-        else:
-            triples = (np.zeros(1, dtype=np.int64), np.empty(0, INDEX_DTYPE), np.empty(0, VALUE_DTYPE))
-        return CsrTables(self._pairs.indptr, self._pairs.indices, self._pairs.values[:-1], *triples)
+        """The CSR arrays behind the lookups, as the compiled sampler reads them (built once: it asks every pass)."""
+        if self._csr_tables is None:
+            if 3 in self.orders:
+                triples = (self._triples.indptr, self._triples.indices, self._triples.values[:-1])
+            else:
+                triples = (np.zeros(1, dtype=np.int64), np.empty(0, INDEX_DTYPE), np.empty(0, VALUE_DTYPE))
+            self._csr_tables = CsrTables(
+                self._pairs.indptr, self._pairs.indices, self._pairs.values[:-1], *triples
+            )
+        return self._csr_tables
 
     def triple_weights_for_pairs(
         self, first: np.ndarray, second: np.ndarray, third: np.ndarray
