@@ -1,9 +1,10 @@
-/* DynaMo's Algorithm 1 with co-occurrence weights, one pass per call: runtime/sampling.py's hot path.
+/* DynaMo's Algorithm 1 with co-occurrence weights, one pass per call: runtime/sampling.py's hot path,
+ * from the heads' logits (their marginals: _marginals.c) to the tokens.
  *
- * Why C: with masks, a step of the numpy sampler is ~150 small array calls (lookups in
- * the co-occurrence CSR tables, the joint over the stored n-grams, the blurred Otsu
- * threshold); their dispatch and cache misses cost ~1 ms, a third of a forward pass of
- * the reference model, against a budget of 15%. Here the same work is a few loops over
+ * Why C: with masks, a step of the numpy sampler is ~150 small array calls (the softmax and
+ * top-k, lookups in the co-occurrence CSR tables, the joint over the stored n-grams, the
+ * blurred Otsu threshold); their dispatch and cache misses cost ~1 ms, a third of a forward
+ * pass of the reference model, against a budget of 15%. Here the same work is a few loops over
  * the few thousand stored cells. There is no library for this step: it is the paper's
  * own algorithm, as llama.cpp's samplers are its own C.
  *
@@ -18,7 +19,8 @@
  * Python side (runtime/native.py) checks dtypes and sizes, this side checks lengths
  * again before it reads anything.
  */
-#define PY_SSIZE_T_CLEAN
+#include "_marginals.h"
+
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
@@ -28,8 +30,8 @@
 #define OTSU_BINS 256
 #define SCAN_ROW_FACTOR 64 /* scan a row of up to 4 entries per candidate; binary-search longer ones */
 #define MAX_ORDER 3
-#define SELECT_BLOCK 16 /* tokens per block in the top-k search */
 #define PREFETCH_AHEAD 16 /* rows ahead to prefetch in the triple table */
+#define PAIR_ROWS_AHEAD 4 /* rows ahead to prefetch in the pair table */
 
 typedef struct {
     const int64_t *indptr; /* rows + 1 */
@@ -215,8 +217,13 @@ static Py_ssize_t joint_core(Buffers *bufs, int ndim, const Py_ssize_t *shape, c
     if (!reuse_pairs) {
         for (Py_ssize_t c = 0; c < pair_cells; c++) pair_entry[c] = -1;
         set_candidates(&cand, ids[1], k2, 1);
-        for (Py_ssize_t i = 0; i < k1; i++)
+        /* Each row is two misses (its bounds, its first entries) before the scan streams: start
+         * them all at once, then each row's entries a few rows ahead. */
+        for (Py_ssize_t i = 0; i < k1; i++) __builtin_prefetch(&pairs.indptr[ids[0][i]]);
+        for (Py_ssize_t i = 0; i < k1; i++) {
+            if (i + PAIR_ROWS_AHEAD < k1) __builtin_prefetch(&pairs.indices[pairs.indptr[ids[0][i + PAIR_ROWS_AHEAD]]]);
             row_entries(&pairs, ids[0][i], ids[1], k2, &cand, pair_entry + i * k2, found, base);
+        }
         set_candidates(&cand, ids[1], k2, 0);
     }
 
@@ -485,6 +492,23 @@ done:
 }
 
 
+/* Logits as the kernel reads them: a 2-D buffer of float32 rows, each of unit stride, rows a
+ * non-negative multiple of a float apart (e.g. numpy's logits[:, -1] of a (heads, T, vocab)
+ * output). 0, or -1 with a ValueError (the buffer is released). */
+static int get_rows(PyObject *obj, Py_buffer *view, Py_ssize_t *rows, Py_ssize_t *vocab, Py_ssize_t *row_stride) {
+    if (PyObject_GetBuffer(obj, view, PyBUF_STRIDES | PyBUF_FORMAT) < 0) return -1;
+    if (view->ndim != 2 || view->itemsize != (Py_ssize_t)sizeof(float) || strcmp(view->format, "f") ||
+        view->strides[1] != (Py_ssize_t)sizeof(float) || view->strides[0] < 0 || view->strides[0] % sizeof(float) ||
+        view->shape[0] < 1 || view->shape[1] < 1 || (view->shape[0] > 1 && view->strides[0] < view->shape[1] * 4)) {
+        PyBuffer_Release(view);
+        return fail("logits must be (heads, vocab) float32 rows of unit stride");
+    }
+    *rows = view->shape[0];
+    *vocab = view->shape[1];
+    *row_stride = view->strides[0] / (Py_ssize_t)sizeof(float);
+    return 0;
+}
+
 /* A draw over w[0..n): argmax (the first) if greedy, else one call of `random` and the first
  * running sum above u * (running total): _draw_sequential in runtime/sampling.py. -2: error. */
 static Py_ssize_t draw_sequential(const double *w, Py_ssize_t n, int greedy, PyObject *random) {
@@ -518,50 +542,71 @@ static Py_ssize_t draw_sequential(const double *w, Py_ssize_t n, int greedy, PyO
     return last;
 }
 
-/* step(ids, probs, seen, masses, bounds, n_used, k, pair_indptr, pair_indices, pair_values,
- *      triple_indptr, triple_indices, triple_values, rank, static_threshold, penalty, otsu, blur,
- *      greedy, random, out_cells, out_values, work, iwork, flags, pair_grid, reuse_pairs)
- * -> (the tokens to emit as a tuple, whether pair_grid now holds these ids' pairs):
- * DynamicSampler.step's weighted path in one call. For
- * n = n_used .. 2: back off at once if masses[n] cannot beat bounds[n], else the joint, the
+/* step(logits, k, seen, rank, bounds, pair_indptr, pair_indices, pair_values, triple_indptr,
+ *      triple_indices, triple_values, temperature, static_threshold, penalty, otsu, blur,
+ *      greedy, random, out_cells, out_values, work, iwork, flags, pair_grid, pair_ids, reuse_allowed)
+ * -> (the tokens to emit as a tuple, whether pair_grid now holds the pairs of the ids in
+ *    pair_ids), or None when a head's logits hold a NaN or an infinite maximum:
+ * DynamicSampler.step's weighted path in one call. logits holds the rows of heads 1..n_used
+ * (get_rows); their marginals as _marginals.c computes them, each head's top-k mass as a
+ * running sum, the masses multiplied head by head (the numpy path's order). Then for
+ * n = n_used .. 2: back off at once if mass n cannot beat bounds[n], else the joint, the
  * repetition penalty on its kept cells, the bound, and the draw; at n = 1 head 1 alone.
- * ids / probs / seen (uint8: generated already) are (n_used, k), row a for head a + 1;
- * masses and bounds (float64) are indexed by n and computed in Python as the numpy path does;
- * `random` is rng.random, called once per non-greedy draw as the numpy path calls it. Scratch
- * as for joint(); reuse_pairs says pair_grid already holds these ids' pairs (a step that skips
- * every joint leaves it as it was). */
+ * seen (uint8, one per token) marks the generated tokens; bounds (float64) is indexed by n;
+ * `random` is rng.random, called once per non-greedy draw as the numpy path calls it. Scratch as
+ * for joint(); pair_ids (int64, 2 k) holds the two id lists whose pairs pair_grid holds, which a
+ * step reuses when reuse_allowed (the same tables) and its ids are those. */
 static PyObject *step(PyObject *self, PyObject *args) {
     Buffers b;
     memset(&b, 0, sizeof(b));
-    Py_buffer seen = {0}, masses = {0}, bounds = {0};
-    Py_ssize_t n_used, k;
-    double static_threshold, penalty;
-    int otsu, blur, greedy, reuse_pairs;
-    PyObject *random, *result = NULL;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*y*nny*y*y*y*y*y*w*ddiiiOw*w*w*w*w*w*i", &b.ids, &b.probs, &seen, &masses,
-                          &bounds, &n_used, &k, &b.pair_indptr, &b.pair_indices, &b.pair_values, &b.triple_indptr,
-                          &b.triple_indices, &b.triple_values, &b.rank, &static_threshold, &penalty, &otsu, &blur,
-                          &greedy, &random, &b.out_cells, &b.out_values, &b.work, &b.iwork, &b.flags, &b.pair_grid,
-                          &reuse_pairs)) {
-        release(&b);
-        PyBuffer_Release(&seen);
-        PyBuffer_Release(&masses);
-        PyBuffer_Release(&bounds);
-        return NULL;
-    }
-    const int64_t *ids = b.ids.buf;
-    const double *probs = b.probs.buf, *mass = masses.buf, *bound = bounds.buf;
-    const uint8_t *generated = seen.buf;
-    if (n_used < 1 || n_used > MAX_ORDER || k < 1 || b.ids.len != n_used * k * (Py_ssize_t)sizeof(int64_t) ||
-        b.probs.len != n_used * k * (Py_ssize_t)sizeof(double) || seen.len != n_used * k ||
-        masses.len < (n_used + 1) * (Py_ssize_t)sizeof(double) || bounds.len < (n_used + 1) * (Py_ssize_t)sizeof(double) ||
-        b.out_values.len < k * (Py_ssize_t)sizeof(double) || !PyCallable_Check(random)) {
-        fail("step: buffer sizes do not match n_used x k");
+    Py_buffer logits = {0}, seen = {0}, bounds = {0}, pair_ids = {0};
+    Py_ssize_t n_used = 0, vocab = 0, row_stride = 0, k;
+    double temperature, static_threshold, penalty;
+    int otsu, blur, greedy, reuse_allowed;
+    PyObject *logits_obj, *random, *result = NULL;
+    void *scratch = NULL;
+    if (!PyArg_ParseTuple(args, "Ony*w*y*y*y*y*y*y*y*dddiiiOw*w*w*w*w*w*w*i", &logits_obj, &k, &seen, &b.rank,
+                          &bounds, &b.pair_indptr, &b.pair_indices, &b.pair_values, &b.triple_indptr,
+                          &b.triple_indices, &b.triple_values, &temperature, &static_threshold, &penalty, &otsu, &blur, &greedy,
+                          &random, &b.out_cells, &b.out_values, &b.work, &b.iwork, &b.flags, &b.pair_grid, &pair_ids,
+                          &reuse_allowed))
         goto done;
+    if (get_rows(logits_obj, &logits, &n_used, &vocab, &row_stride) < 0) goto done;
+    const double *bound = bounds.buf;
+    const uint8_t *generated = seen.buf;
+    if (n_used > MAX_ORDER || k < 1 || k > vocab || !(temperature > 0) || seen.len != vocab ||
+        b.rank.len != vocab * (Py_ssize_t)sizeof(int32_t) || bounds.len < (n_used + 1) * (Py_ssize_t)sizeof(double) ||
+        pair_ids.len < 2 * k * (Py_ssize_t)sizeof(int64_t) || b.out_values.len < k * (Py_ssize_t)sizeof(double) ||
+        !PyCallable_Check(random)) {
+        fail("step: buffer sizes do not match n_used x vocab and k");
+        goto done;
+    }
+    size_t select_bytes = (marginals_scratch_bytes(vocab, k) + 7) / 8 * 8; /* then 8-byte aligned arrays */
+    scratch = PyMem_Malloc(select_bytes + (size_t)(n_used * k) * (2 * sizeof(double) + 1));
+    if (!scratch) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int64_t *ids = (int64_t *)((char *)scratch + select_bytes);
+    double *probs = (double *)(ids + n_used * k), mass[MAX_ORDER + 1] = {1.0};
+    uint8_t *in_seen = (uint8_t *)(probs + n_used * k);
+    for (Py_ssize_t a = 0; a < n_used; a++) {
+        if (row_marginals((const float *)logits.buf + a * row_stride, vocab, k, temperature, ids + a * k,
+                          probs + a * k, scratch) < 0) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        double sum = 0.0;
+        for (Py_ssize_t j = 0; j < k; j++) {
+            sum += probs[a * k + j];
+            in_seen[a * k + j] = generated[ids[a * k + j]];
+        }
+        mass[a + 1] = mass[a] * sum;
     }
     int64_t tokens[MAX_ORDER];
     Py_ssize_t emitted = 0;
-    int pairs_ready = reuse_pairs; /* pair_grid holds these ids' pairs: from the last call, or this one's first joint */
+    /* pair_grid holds these ids' pairs: from an earlier call, or this one's first joint */
+    int pairs_ready = reuse_allowed && n_used >= 2 && !memcmp(pair_ids.buf, ids, 2 * k * sizeof(int64_t));
     for (Py_ssize_t n = n_used; n >= 2 && !emitted; n--) {
         double capped = mass[n] * (1 + 1e-9); /* J <= mass: see DynamicSampler._weighted_joint */
         if ((capped < 1.0 ? capped : 1.0) <= bound[n]) continue;
@@ -569,6 +614,7 @@ static PyObject *step(PyObject *self, PyObject *args) {
         Py_ssize_t count = joint_core(&b, (int)n, shape, ids, probs, mass[n], bound[n], static_threshold, otsu, blur,
                                       pairs_ready);
         if (count == -2) goto done;
+        if (!pairs_ready) memcpy(pair_ids.buf, ids, 2 * k * sizeof(int64_t));
         pairs_ready = 1;
         if (count < 0) continue;
         int64_t *cells = b.out_cells.buf;
@@ -581,7 +627,7 @@ static PyObject *step(PyObject *self, PyObject *args) {
                     rest /= k;
                 }
                 for (Py_ssize_t a = 0; a < n; a++)
-                    if (generated[a * k + coord[a]]) values[c] = values[c] / penalty;
+                    if (in_seen[a * k + coord[a]]) values[c] = values[c] / penalty;
             }
             if (values[c] > peak) peak = values[c];
         }
@@ -597,7 +643,7 @@ static PyObject *step(PyObject *self, PyObject *args) {
     }
     if (!emitted) { /* head 1 alone: its top-k over the penalty (x / 1.0 is x) */
         double *weights = b.out_values.buf;
-        for (Py_ssize_t j = 0; j < k; j++) weights[j] = probs[j] / (generated[j] && penalty != 1.0 ? penalty : 1.0);
+        for (Py_ssize_t j = 0; j < k; j++) weights[j] = probs[j] / (in_seen[j] && penalty != 1.0 ? penalty : 1.0);
         Py_ssize_t pick = draw_sequential(weights, k, greedy, random);
         if (pick == -2) goto done;
         tokens[0] = ids[pick];
@@ -615,139 +661,45 @@ static PyObject *step(PyObject *self, PyObject *args) {
     }
     result = Py_BuildValue("(Ni)", emitted_tokens, pairs_ready);
 done:
+    PyMem_Free(scratch);
     release(&b);
+    PyBuffer_Release(&logits);
     PyBuffer_Release(&seen);
-    PyBuffer_Release(&masses);
     PyBuffer_Release(&bounds);
+    PyBuffer_Release(&pair_ids);
     return result;
 }
 
-/* Better candidate first: higher logit, then lower token id. */
-static inline int ranks_before(float la, int64_t a, float lb, int64_t b) { return la > lb || (la == lb && a < b); }
-
-/* select(logits, rows, vocab, row_stride, k, weights, totals, ids, probs): per row, the k best
- * tokens by (-logit, id) into ids (rows x k, int64) and weights[id] / totals[row] into probs
- * (float64), weights being the row's softmax numerators. A min-heap of the k best so far: one
- * pass over the vocabulary, where numpy needs a dozen calls. */
-static PyObject *select_topk(PyObject *self, PyObject *args) {
-    Py_buffer logits = {0}, weights = {0}, totals = {0}, ids = {0}, probs = {0};
+/* marginals(logits, k, temperature, ids, probs) -> whether every row was usable: per row of
+ * logits (get_rows), the k best tokens by (-logit, id) into
+ * ids (rows x k, int64) and their softmax(logits / temperature) into probs (float64); see
+ * _marginals.c. False when a row holds a NaN or an infinite maximum. */
+static PyObject *marginals(PyObject *self, PyObject *args) {
+    Py_buffer logits = {0}, ids = {0}, probs = {0};
     Py_ssize_t rows, vocab, row_stride, k;
-    if (!PyArg_ParseTuple(args, "y*nnnny*y*w*w*", &logits, &rows, &vocab, &row_stride, &k, &weights, &totals, &ids,
-                          &probs))
-        return NULL;
-    PyObject *result = NULL;
-    int64_t *heap = NULL;
-    if (rows < 1 || vocab < 1 || k < 1 || k > vocab || row_stride < vocab ||
-        logits.len < ((rows - 1) * row_stride + vocab) * (Py_ssize_t)sizeof(float) ||
-        weights.len < rows * vocab * (Py_ssize_t)sizeof(double) || totals.len < rows * (Py_ssize_t)sizeof(double) ||
-        ids.len < rows * k * (Py_ssize_t)sizeof(int64_t) ||
+    double temperature;
+    PyObject *logits_obj, *result = NULL;
+    if (!PyArg_ParseTuple(args, "Ondw*w*", &logits_obj, &k, &temperature, &ids, &probs)) return NULL;
+    void *scratch = NULL;
+    if (get_rows(logits_obj, &logits, &rows, &vocab, &row_stride) < 0) goto done;
+    if (k < 1 || k > vocab || !(temperature > 0) || ids.len < rows * k * (Py_ssize_t)sizeof(int64_t) ||
         probs.len < rows * k * (Py_ssize_t)sizeof(double)) {
-        PyErr_SetString(PyExc_ValueError, "select: buffer sizes do not match rows x vocab and k");
+        PyErr_SetString(PyExc_ValueError, "marginals: buffer sizes do not match rows x vocab and k");
         goto done;
     }
-    Py_ssize_t max_blocks = (vocab + SELECT_BLOCK - 1) / SELECT_BLOCK;
-    heap = PyMem_Malloc((size_t)k * sizeof(int64_t) + (size_t)(max_blocks + k) * sizeof(float));
-    if (!heap) {
+    scratch = PyMem_Malloc(marginals_scratch_bytes(vocab, k));
+    if (!scratch) {
         PyErr_NoMemory();
         goto done;
     }
-    float *block_max = (float *)(heap + k), *maxima = block_max + max_blocks;
-    for (Py_ssize_t r = 0; r < rows; r++) {
-        const float *x = (const float *)logits.buf + r * row_stride;
-        const double *w = (const double *)weights.buf + r * vocab;
-        int64_t *out_ids = (int64_t *)ids.buf + r * k;
-        double *out_probs = (double *)probs.buf + r * k;
-        double total = ((const double *)totals.buf)[r];
-        /* The k-th largest of the maxima of 16-token blocks bounds the k-th best logit from
-         * below (k blocks reach it): only blocks reaching it can hold the top k. The block
-         * maxima are one branch-free (vectorised) pass; then a heap over those blocks. */
-        Py_ssize_t blocks = (vocab + SELECT_BLOCK - 1) / SELECT_BLOCK;
-        for (Py_ssize_t bl = 0; bl < blocks; bl++) {
-            Py_ssize_t lo = bl * SELECT_BLOCK, hi = lo + SELECT_BLOCK < vocab ? lo + SELECT_BLOCK : vocab;
-            float m = x[lo];
-            for (Py_ssize_t v = lo + 1; v < hi; v++) m = x[v] > m ? x[v] : m;
-            block_max[bl] = m;
-        }
-        float floor = -HUGE_VALF;
-        if (blocks > k) { /* the k-th largest block maximum: a min-heap of the k largest */
-            Py_ssize_t n = 0;
-            for (Py_ssize_t bl = 0; bl < blocks; bl++) {
-                float m = block_max[bl];
-                if (n == k && !(m > maxima[0])) continue;
-                Py_ssize_t at;
-                if (n < k) {
-                    at = n++;
-                    while (at > 0 && maxima[(at - 1) / 2] > m) {
-                        maxima[at] = maxima[(at - 1) / 2];
-                        at = (at - 1) / 2;
-                    }
-                } else {
-                    at = 0;
-                    for (;;) {
-                        Py_ssize_t child = 2 * at + 1;
-                        if (child >= n) break;
-                        if (child + 1 < n && maxima[child + 1] < maxima[child]) child++;
-                        if (!(maxima[child] < m)) break;
-                        maxima[at] = maxima[child];
-                        at = child;
-                    }
-                }
-                maxima[at] = m;
-            }
-            floor = maxima[0];
-        }
-        /* heap[0] is the worst of the best k; ids arrive ascending, so a tie never displaces it. */
-        Py_ssize_t size = 0;
-        float worst = 0.0f; /* x[heap[0]] once the heap is full */
-        for (Py_ssize_t bl = 0; bl < blocks; bl++) {
-            if (!(block_max[bl] >= floor)) continue;
-            Py_ssize_t hi = (bl + 1) * SELECT_BLOCK < vocab ? (bl + 1) * SELECT_BLOCK : vocab;
-            for (int64_t v = bl * SELECT_BLOCK; v < hi; v++) {
-                if (size == k && !(x[v] > worst)) continue;
-                Py_ssize_t at;
-                if (size < k) { /* sift up */
-                    at = size++;
-                    while (at > 0) {
-                        Py_ssize_t parent = (at - 1) / 2;
-                        if (!ranks_before(x[heap[parent]], heap[parent], x[v], v)) break;
-                        heap[at] = heap[parent];
-                        at = parent;
-                    }
-                } else { /* replace the root, sift down */
-                    at = 0;
-                    for (;;) {
-                        Py_ssize_t child = 2 * at + 1;
-                        if (child >= size) break;
-                        if (child + 1 < size &&
-                            ranks_before(x[heap[child]], heap[child], x[heap[child + 1]], heap[child + 1]))
-                            child++;
-                        if (!ranks_before(x[v], v, x[heap[child]], heap[child])) break;
-                        heap[at] = heap[child];
-                        at = child;
-                    }
-                }
-                heap[at] = v;
-                if (size == k) worst = x[heap[0]];
-            }
-        }
-        /* Best first: insertion sort of the k survivors. */
-        for (Py_ssize_t i = 0; i < k; i++) {
-            int64_t v = heap[i];
-            Py_ssize_t at = i;
-            while (at > 0 && ranks_before(x[v], v, x[out_ids[at - 1]], out_ids[at - 1])) {
-                out_ids[at] = out_ids[at - 1];
-                at--;
-            }
-            out_ids[at] = v;
-        }
-        for (Py_ssize_t i = 0; i < k; i++) out_probs[i] = w[out_ids[i]] / total;
-    }
-    result = Py_NewRef(Py_None);
+    int usable = 1;
+    for (Py_ssize_t r = 0; r < rows && usable; r++)
+        usable = row_marginals((const float *)logits.buf + r * row_stride, vocab, k, temperature,
+                               (int64_t *)ids.buf + r * k, (double *)probs.buf + r * k, scratch) == 0;
+    result = PyBool_FromLong(usable);
 done:
-    PyMem_Free(heap);
+    PyMem_Free(scratch);
     PyBuffer_Release(&logits);
-    PyBuffer_Release(&weights);
-    PyBuffer_Release(&totals);
     PyBuffer_Release(&ids);
     PyBuffer_Release(&probs);
     return result;
@@ -755,7 +707,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"step", step, METH_VARARGS, "One pass of Algorithm 1 with co-occurrence weights (see runtime/native.py)."},
-    {"select", select_topk, METH_VARARGS, "Each row's top-k ids and probabilities (see runtime/native.py)."},
+    {"marginals", marginals, METH_VARARGS, "Each row's top-k ids and softmax probabilities (see runtime/native.py)."},
     {"joint", joint, METH_VARARGS, "DynaMo's co-occurrence weighted joint over the stored n-grams (see runtime/native.py)."},
     {NULL, NULL, 0, NULL},
 };

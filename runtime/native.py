@@ -1,5 +1,6 @@
-"""The compiled sampler kernel (runtime/_native.c) behind numpy-shaped calls: a whole weighted
-dynamic step, the weighted joint alone, and the top-k search.
+"""The compiled sampler kernel (runtime/_native.c, runtime/_marginals.c) behind numpy-shaped
+calls: a whole weighted dynamic step from the heads' logits, the weighted joint alone, and the
+heads' marginals (top-k and softmax) for the other modes.
 
 `pip install` builds the C file as an optional extension: where no compiler is at
 hand the install still succeeds, `AVAILABLE` is False, and the sampler keeps to its
@@ -23,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from runtime.config import SamplingConfig
+from runtime.errors import SamplingError
 
 if os.environ.get("DYNAMO_NATIVE", "1") == "0":  # opt out, e.g. to compare the two paths
     _native = None
@@ -33,6 +35,7 @@ else:
         _native = None
 
 AVAILABLE = _native is not None
+UNUSABLE_LOGITS = "logits contain NaN or +inf; the model output is unusable"
 # Grids above this many cells (top_k > 128 at three heads) take the numpy path: the
 # kernel's scratch is 8 words and a byte per cell.
 MAX_CELLS = 1 << 21
@@ -72,37 +75,33 @@ def supports(order: int, cells: int, alpha_c: float, adaptive: bool, blur: int) 
     )
 
 
-def topk_ids(
-    logits: np.ndarray, k: int, weights: np.ndarray, totals: np.ndarray
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """Each row's k best ids by (-logit, id), (rows, k) int64, and weights[id] / totals[row] there,
-    (rows, k) float64, for (rows, vocab) `weights` and (rows,) `totals` in C order; None where
-    the kernel does not apply (logits not float32 rows of unit stride).
-
-    Only the search is compiled: numpy's own softmax (exp, division) runs on every AVX-512
-    lane the machine has, which a portable build of the kernel cannot assume.
+def marginals(logits: np.ndarray, k: int, temperature: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """Each row's k best ids by (-logit, id), (rows, k) int64, and softmax(logits / temperature)
+    there, (rows, k) float64, as runtime/marginals.py defines them; None where the kernel does
+    not read the logits (`reads`). Raises SamplingError for a row with a NaN or an infinite maximum.
     """
     assert _native is not None
-    rows, vocab = logits.shape
-    item = logits.itemsize
-    if (
-        logits.dtype != np.float32
-        or logits.strides[1] != item
-        or logits.strides[0] % item
-        or logits.strides[0] < 0
-    ):
+    if not reads(logits):
         return None
-    if logits.flags.c_contiguous:
-        span, row_stride = logits.reshape(-1), vocab
-    else:  # e.g. logits[:, -1] of a (heads, T, vocab) output: the rows as one span, gaps included
-        row_stride = logits.strides[0] // item
-        span = np.lib.stride_tricks.as_strided(
-            logits, shape=((rows - 1) * row_stride + vocab,), strides=(item,)
-        )
-    ids = np.empty((rows, k), dtype=np.int64)
-    probs = np.empty((rows, k), dtype=np.float64)
-    _native.select(span, rows, vocab, row_stride, k, weights, totals, ids, probs)
+    ids = np.empty((logits.shape[0], k), dtype=np.int64)
+    probs = np.empty((logits.shape[0], k), dtype=np.float64)
+    if not _native.marginals(logits, k, float(temperature), ids, probs):
+        raise SamplingError(UNUSABLE_LOGITS)
     return ids, probs
+
+
+def reads(logits: np.ndarray) -> bool:
+    """Whether the kernel reads these (heads, vocab) logits in place: float32 rows of unit stride,
+    a non-negative whole number of floats apart (logits[:, -1] of a (heads, T, vocab) output is)."""
+    strides = logits.strides
+    return (
+        logits.dtype == np.float32
+        and logits.ndim == 2
+        and strides[1] == 4
+        and strides[0] >= 0
+        and strides[0] % 4 == 0
+        and (logits.shape[0] == 1 or strides[0] >= 4 * logits.shape[1])
+    )
 
 
 class NativeSampler:
@@ -115,9 +114,36 @@ class NativeSampler:
         self._work = np.empty(0, dtype=np.float64)  # (3 * cells,): a zero grid, then two pass grids
         self._iwork = np.empty(0, dtype=np.int64)  # (5 * cells,): cell lists
         self._flags = np.empty(0, dtype=np.uint8)  # (cells,): all 0 between calls
-        self._pair_grid = np.empty(0, dtype=np.int64)  # (k1 * k2,): pair entry ids of the last call
-        self._pair_key: tuple[bytes, bytes] | None = None  # its first two id lists ...
-        self._pair_table: np.ndarray | None = None  # ... and pair table (held: an id could be reused)
+        # The pair entry ids of a k1 x k2 grid of candidates, for a 3 -> 2 back-off or a next step
+        # with the same candidates; the two id lists, concatenated; the grid's shape; and the pair
+        # table they come from (held, not its id, which could be reused), None when not valid.
+        self._pair_grid = np.empty(0, dtype=np.int64)
+        self._pair_ids = np.empty(0, dtype=np.int64)
+        self._pair_shape = (0, 0)
+        self._pair_table: np.ndarray | None = None
+        # can_step's last question and answer, with the kernel's arguments for that config
+        self._plan: tuple = (None, None, 0, 0, False, None, ())
+
+    def can_step(self, masks, config: SamplingConfig, n_heads: int, k: int) -> bool:
+        """`supports_step`, remembered for the last masks and config (a generation asks every pass)."""
+        last_masks, last_config, last_heads, last_k, answer, _, _ = self._plan
+        if masks is last_masks and config is last_config and (n_heads, k) == (last_heads, last_k):
+            return answer
+        answer = supports_step(masks, config, n_heads, k)
+        tables = masks.csr_tables() if answer else None
+        settings = (
+            # bounds[n] = eps_b ** (n - 1), as the numpy path computes it
+            np.array([config.eps_b ** (m - 1) if m else 0.0 for m in range(n_heads + 1)]),
+            *(tables or ()),
+            float(config.temperature or 1.0),
+            float(config.static_threshold),
+            float(config.repetition_penalty),
+            int(config.adaptive),
+            int(config.blur),
+            int(config.greedy),
+        )
+        self._plan = (masks, config, n_heads, k, answer, tables, settings)
+        return answer
 
     def joint(
         self,
@@ -137,7 +163,10 @@ class NativeSampler:
         """
         assert _native is not None
         shape = tuple(int(x.size) for x in ids)
-        reuse = self._prepare(math.prod(shape), ids[0], ids[1], tables)
+        pair_ids = np.concatenate(ids[:2]).astype(np.int64, copy=False)
+        self._grow(math.prod(shape), shape[:2], tables)
+        reuse = self._holds_pairs(tables, shape[:2]) and np.array_equal(pair_ids, self._pair_ids)
+        self._pair_table = None  # until the coming call succeeds
         count = _native.joint(
             shape,
             np.concatenate(ids).astype(np.int64, copy=False),
@@ -152,56 +181,59 @@ class NativeSampler:
             *self._scratch(),
             int(reuse),
         )
-        self._pair_key, self._pair_table = (ids[0].tobytes(), ids[1].tobytes()), tables.pair_indices
+        self._pair_ids, self._pair_shape, self._pair_table = pair_ids, shape[:2], tables.pair_indices
         if count < 0:
             return None
         return self._cells[:count].copy(), self._values[:count].copy()
 
     def step(
         self,
-        ids: np.ndarray,
-        probs: np.ndarray,
+        logits: np.ndarray,
         seen: np.ndarray,
-        tables: CsrTables,
+        masks,
         config: SamplingConfig,
         rng: np.random.Generator,
-    ) -> tuple[int, ...]:
-        """The tokens one pass emits: DynamicSampler.step with co-occurrence weights at every n
-        (`supports_step`), in one call. ids / probs (n, k) are the heads' top-k, seen (n, k)
-        bool marks the generated ones.
+    ) -> tuple[int, ...] | None:
+        """The tokens one pass emits: DynamicSampler.step with co-occurrence weights at every n,
+        in one call, from the heads' (n, vocab) logits and the (vocab,) bool mask of generated
+        tokens; the last `can_step` must have said yes for these masks and config. None where the kernel does
+        not read the logits (`reads`). Raises SamplingError for unusable logits.
         """
         assert _native is not None
-        n, k = ids.shape
-        # As the numpy path computes them: each head's top-k mass, multiplied head by head.
-        sums = probs.sum(axis=1).tolist()
-        masses = np.array([math.prod(sums[:m]) for m in range(n + 1)])
-        bounds = np.array([config.eps_b ** (m - 1) if m else 0.0 for m in range(n + 1)])
-        reuse = self._prepare(k**n, ids[0], ids[1], tables)
-        tokens, pairs_ready = _native.step(
-            ids,
-            probs,
-            seen.view(np.uint8),
-            masses,
-            bounds,
-            n,
+        if not reads(logits):
+            return None
+        n, vocab = logits.shape
+        k = min(config.top_k, vocab)
+        planned_masks, planned, heads, planned_k, answer, tables, settings = self._plan
+        assert answer and planned_masks is masks and planned is config and (heads, planned_k) == (n, k)
+        if self._pair_ids.size != 2 * k or self._cells.size < k**n or self._rank.size != vocab:
+            self._grow(k**n, (k, k), tables)
+        valid = self._holds_pairs(tables, (k, k))  # the kernel compares the ids
+        self._pair_table = None  # until the coming call succeeds
+        found = _native.step(
+            logits,
             k,
-            *tables,
+            seen.view(np.uint8),
             self._rank,
-            float(config.static_threshold),
-            float(config.repetition_penalty),
-            int(config.adaptive),
-            int(config.blur),
-            int(config.greedy),
+            *settings,
             rng.random,
             *self._scratch(),
-            int(reuse),
+            self._pair_ids,
+            int(valid),
         )
-        if pairs_ready:  # a step whose every joint was skipped computed no pairs
-            self._pair_key, self._pair_table = (ids[0].tobytes(), ids[1].tobytes()), tables.pair_indices
+        if found is None:
+            raise SamplingError(UNUSABLE_LOGITS)
+        tokens, pairs_ready = found
+        if pairs_ready or valid:  # a step that skipped every joint left the grid as it was
+            self._pair_shape, self._pair_table = (k, k), tables.pair_indices
         return tokens
 
-    def _prepare(self, size: int, first: np.ndarray, second: np.ndarray, tables: CsrTables) -> bool:
-        """Grow the scratch to a grid of `size` cells; whether the last call's pair grid fits these ids."""
+    def _holds_pairs(self, tables: CsrTables, shape: tuple[int, int]) -> bool:
+        """Whether the pair grid holds a `shape` grid of _pair_ids' pairs from these tables."""
+        return tables.pair_indices is self._pair_table and shape == self._pair_shape
+
+    def _grow(self, size: int, pair_shape: tuple[int, int], tables: CsrTables) -> None:
+        """Scratch for a grid of `size` cells and `pair_shape` pairs; the rank table for the vocabulary."""
         vocab = tables.pair_indptr.size - 1
         if self._rank.size != vocab:
             self._rank = np.full(vocab, -1, dtype=np.int32)  # the kernel restores every slot it sets
@@ -211,15 +243,12 @@ class NativeSampler:
             self._work = np.zeros(3 * size, dtype=np.float64)
             self._iwork = np.empty(5 * size, dtype=np.int64)
             self._flags = np.zeros(size, dtype=np.uint8)
-        if self._pair_grid.size < first.size * second.size:
-            self._pair_grid = np.empty(first.size * second.size, dtype=np.int64)
-            self._pair_key = None
-        reuse = (
-            first.tobytes(),
-            second.tobytes(),
-        ) == self._pair_key and tables.pair_indices is self._pair_table
-        self._pair_key = None  # until the coming call succeeds
-        return reuse
+        if self._pair_grid.size < pair_shape[0] * pair_shape[1]:
+            self._pair_grid = np.empty(pair_shape[0] * pair_shape[1], dtype=np.int64)
+            self._pair_table = None
+        if self._pair_ids.size != sum(pair_shape):  # the step's kernel writes the ids in place
+            self._pair_ids = np.full(sum(pair_shape), -1, dtype=np.int64)
+            self._pair_table = None
 
     def _scratch(self) -> tuple[np.ndarray, ...]:
         return self._cells, self._values, self._work, self._iwork, self._flags, self._pair_grid

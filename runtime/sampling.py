@@ -7,7 +7,8 @@ choice the paper leaves open made explicit:
 
 Marginals. f_i = softmax(logits_i / T) over the whole vocabulary; T = 1 when the
 temperature is 0 (greedy takes the argmax of the very quantities sampling would
-draw from, as transformers does). Head i keeps its top-k tokens ranked by
+draw from, as transformers does), computed as runtime/marginals.py says (a fixed
+exp, a fixed summation order). Head i keeps its top-k tokens ranked by
 descending logit, ties by ascending token id; axis i of the grid lists them in
 that order (the blur needs a fixed order, and this one keeps likely candidates
 together). k is capped at the vocabulary size.
@@ -15,7 +16,8 @@ together). k is capped at the vocabulary size.
 Joint over heads 1..n, for a cell c = (c_1, ..., c_n) of the grid:
     R(c) = f_1(c_1) * ... * f_n(c_n) * W(c) ** alpha_c
     J(c) = R(c) * M / sum_grid R,      M = prod_i sum_topk f_i  (= sum_grid f_1 * ... * f_n)
-(the product rounded as ((f_1 f_2) ...) f_n, then times W; sum_grid R is the running
+(the product rounded as ((f_1 f_2) ...) f_n, then times W; each sum_topk f_i is the running
+sum over the top k in order, M their product head by head; sum_grid R is the running
 sum over the cells in C order, which zeros leave unchanged, so a sum over the stored
 n-grams alone is bit for bit the whole grid's)
 W is the co-occurrence weight of the n-gram (pairs for n = 2, triples for n = 3).
@@ -75,14 +77,9 @@ from scipy.ndimage import correlate1d
 from runtime import native
 from runtime.config import SamplingConfig
 from runtime.errors import SamplingError
+from runtime.marginals import topk_arrays
 
 OTSU_BINS = 256
-# Head i's top-k is searched among the tokens at least as large as the k-th largest
-# of the maxima of _TOPK_GROUPS groups of logits: exact (k groups reach that value, so
-# the k-th largest logit does too). Group g holds the logits g, g + G, g + 2G, ...: their
-# maxima are one elementwise max over rows of a (vocab / G, G) view, which numpy
-# vectorises; over 10x cheaper than argpartition over a 50k vocabulary.
-_TOPK_GROUPS = 512
 # Otsu's threshold keeps J sparse while at most 1 / _SPARSE_SHARE of the cells can leave
 # its lowest bin: past that, whole-grid passes beat gathering the cells one by one.
 _SPARSE_SHARE = 16
@@ -124,66 +121,15 @@ def head_topk(logits_row: np.ndarray, top_k: int, temperature: float, use_native
 
 
 def heads_topk(logits: np.ndarray, top_k: int, temperature: float, use_native: bool = True) -> list[TopK]:
-    """`head_topk` of every row of (heads, vocab) `logits`, with one softmax over them all.
+    """`head_topk` of every row of (heads, vocab) `logits` (runtime/marginals.py).
 
-    The compiled kernel (runtime/native.py) finds the top k in one call where numpy takes a
-    dozen, and divides the same numbers; `use_native=False` keeps to numpy.
+    The compiled kernel does them all in one call where numpy takes dozens, to the same
+    bits; `use_native=False` keeps to numpy.
     """
     return [
         TopK(ids, probs)
-        for ids, probs in zip(*_topk_arrays(logits, top_k, temperature, use_native), strict=True)
+        for ids, probs in zip(*topk_arrays(logits, top_k, temperature, use_native), strict=True)
     ]
-
-
-def _topk_arrays(
-    logits: np.ndarray, top_k: int, temperature: float, use_native: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """`heads_topk` as two (heads, k) arrays: ids (int64) and probabilities (float64)."""
-    logits = np.asarray(logits)
-    k = min(top_k, logits.shape[1])
-    tops = logits.max(axis=1)
-    if not np.all(np.isfinite(tops)):
-        bad = tops[~np.isfinite(tops)][0]
-        raise SamplingError(f"logits contain NaN or +inf (max is {bad}); the model output is unusable")
-    # (heads, V) float64: float32 would move probabilities by 1e-7, enough to shift Otsu bins and
-    # eps_b decisions.
-    scaled = np.subtract(logits, tops[:, None], dtype=np.float64)  # exact casts, then a float64 subtraction
-    if temperature != 1:
-        scaled /= temperature
-    np.exp(scaled, out=scaled)
-    totals = scaled.sum(axis=1)  # rows reduce as 1-D sums do (numpy sums each contiguous row alike)
-    if use_native and native.AVAILABLE:
-        found = native.topk_ids(logits, k, scaled, totals)
-        if found is not None:
-            return found
-    ids = np.stack(_topk_ids(logits, k))
-    return ids, np.take_along_axis(scaled, ids, axis=1) / totals[:, None]
-
-
-def _topk_ids(logits: np.ndarray, k: int) -> list[np.ndarray]:
-    """Each row's k best token ids by (-logit, id)."""
-    heads, vocab = logits.shape
-    per_group = vocab // _TOPK_GROUPS
-    if per_group < 2 or k > _TOPK_GROUPS:  # a small vocabulary: search it whole
-        return [_best_of(row, np.arange(vocab), k) for row in logits]
-    grouped = logits[:, : per_group * _TOPK_GROUPS].reshape(heads, per_group, _TOPK_GROUPS)
-    floors = np.partition(grouped.max(axis=1), _TOPK_GROUPS - k, axis=1)[:, _TOPK_GROUPS - k]  # (heads,)
-    return [_best_of(row, np.flatnonzero(row >= floor), k) for row, floor in zip(logits, floors, strict=True)]
-
-
-def _best_of(row: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
-    """The k best of `candidates` by (-logit, id); they must include every token tied with the k-th best."""
-    values = row[candidates]
-    if candidates.size > 4 * k:  # narrow a long list before sorting it
-        chosen = np.argpartition(values, values.size - k)[values.size - k :]
-        kth = values[chosen].min()
-        # argpartition picks arbitrarily among logits equal to the k-th: make it the smallest ids.
-        if np.count_nonzero(values >= kth) > k:  # an unchosen logit equals the k-th
-            above = chosen[values[chosen] > kth]
-            equal = np.flatnonzero(values == kth)[: k - above.size]
-            chosen = np.concatenate([above, equal])
-        candidates, values = candidates[chosen], values[chosen]
-    return candidates[np.lexsort((candidates, -values))[:k]].astype(np.int64)
 
 
 def binomial_kernel(size: int) -> np.ndarray:
@@ -236,8 +182,8 @@ class DynamicSampler:
     With weights J lives on the stored n-grams alone (a few thousand of 125k cells),
     and Otsu only needs the blurred grid near J's largest cells; it usually keeps a
     few dozen, and the penalty and the draw then work on those alone (the draw with
-    the reference's own running sum). runtime/native.py does the weighted joint and
-    the top-k search in C where it applies, to the same bits.
+    the reference's own running sum). runtime/native.py does the whole step, from the
+    logits to the tokens, in one C call where it applies, to the same bits.
     """
 
     def __init__(self, use_native: bool = True) -> None:
@@ -259,15 +205,16 @@ class DynamicSampler:
         every step).
         """
         logits = _check_logits(logits)
-        n_heads = logits.shape[0]
-        token_set = _token_set(generated)
-        temperature = config.temperature or 1.0
+        n_heads, vocab = logits.shape
         # eps_b = 1 can never emit more than one token: skip building the grids.
         used = n_heads if config.eps_b < 1 else 1
-        ids, probs = _topk_arrays(logits[:used], config.top_k, temperature, self._native is not None)
-        if self._native is not None and native.supports_step(masks, config, used, ids.shape[1]):
-            tokens = self._native.step(ids, probs, token_set.contains(ids), masks.csr_tables(), config, rng)
-            return StepResult(tokens, n_heads - len(tokens))
+        if self._native is not None and self._native.can_step(masks, config, used, min(config.top_k, vocab)):
+            tokens = self._native.step(logits[:used], _seen_mask(generated, vocab), masks, config, rng)
+            if tokens is not None:  # None: logits the kernel does not read (native.reads)
+                return StepResult(tokens, n_heads - len(tokens))
+        token_set = _token_set(generated)
+        temperature = config.temperature or 1.0
+        ids, probs = topk_arrays(logits[:used], config.top_k, temperature, self._native is not None)
         topks = [TopK(i, p) for i, p in zip(ids, probs, strict=True)]
         for n in range(used, 1, -1):
             joint = self._joint_above(topks[:n], token_set, masks, config, config.eps_b ** (n - 1))
@@ -333,7 +280,7 @@ class DynamicSampler:
         Each cell is rounded as on the whole grid: ((f_1 f_2) ...) f_n, then times W.
         """
         shape = tuple(t.ids.size for t in topks)
-        mass = math.prod(float(t.probs.sum()) for t in topks)
+        mass = math.prod(_running_sum(t.probs) for t in topks)
         # J <= mass in every cell (J scales R, whose cells each hold at most sum R, to mass):
         # past a rounding margin no lookup can lift it over the bound.
         if min(mass * (1 + 1e-9), 1.0) <= bound:
@@ -664,6 +611,21 @@ def _outer(out: np.ndarray, vectors: Sequence[np.ndarray]) -> None:
     else:
         # einsum's outer product: the same single roundings as broadcasting, 1.4x faster.
         np.einsum("i,j->ij", partial.reshape(-1), vectors[-1], out=out.reshape(-1, out.shape[-1]))
+
+
+def _running_sum(values: np.ndarray) -> float:
+    """The sum in order, one addition at a time (numpy's sum pairs terms; the kernel adds in order)."""
+    return float(np.cumsum(values)[-1])
+
+
+def _seen_mask(generated: Sequence[int] | np.ndarray | SeenTokens, vocab: int) -> np.ndarray:
+    """`generated` as a (vocab,) bool membership mask."""
+    if isinstance(generated, SeenTokens):
+        return generated.mask
+    ids = np.asarray(generated, dtype=np.int64)
+    seen = SeenTokens(vocab)
+    seen.add(ids[(ids >= 0) & (ids < vocab)])  # ids outside the vocabulary are no candidate's
+    return seen.mask
 
 
 def _check_logits(logits: np.ndarray) -> np.ndarray:

@@ -70,7 +70,7 @@ def whole_grid_joint(topks, generated, masks, config):
         weights = masks.weights([t.ids for t in topks])
         if config.alpha_c != 1:
             weights = np.power(weights, config.alpha_c, dtype=np.float64)
-        mass = np.prod([t.probs.sum() for t in topks])
+        mass = np.prod([np.cumsum(t.probs)[-1] for t in topks])  # each top-k mass a running sum
         grid = grid * weights
         total = np.cumsum(grid)[-1]  # the running sum in C order
         if total > 0:

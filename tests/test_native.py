@@ -169,6 +169,8 @@ def topk_cases():
         "-inf entries": with_inf,
         "last position of an output": outputs[:, -1],  # rows 4 * 8192 floats apart
         "one row": outputs[0, 2][None],
+        "spread past exp's floor": rng.normal(size=(2, 1000)).astype(np.float32) * 400,  # e^z underflows
+        "fewer tokens than a lane block": rng.normal(size=(3, 7)).astype(np.float32),
     }
 
 
@@ -176,7 +178,7 @@ def topk_cases():
 def test_kernel_topk_equals_numpy(name):
     logits = topk_cases()[name]
     for top_k in (1, 50, logits.shape[1]):
-        for temperature in (0.7, 1.0):
+        for temperature in (0.05, 0.7, 1.0):
             fast = heads_topk(logits, top_k, temperature)
             plain = heads_topk(logits, top_k, temperature, use_native=False)
             for f, p in zip(fast, plain, strict=True):
@@ -225,23 +227,24 @@ def test_kernel_rejects_buffers_that_do_not_fit():
         np.empty(40, np.int64),
         np.zeros(8, np.uint8),
     )
-    step_args = [ids.reshape(2, 2), probs.reshape(2, 2), np.zeros((2, 2), np.uint8), np.ones(3), np.zeros(3), 2, 2,
-                 pair_indptr, empty_i, empty_f, np.zeros(1, np.int64), empty_i, empty_f, rank, 0.0, 1.1, 1, 3, 0,
-                 np.random.default_rng(0).random, *scratch, np.empty(4, np.int64), 0]  # fmt: skip
+    logits = np.zeros((2, 8), np.float32)
+    step_args = [logits, 2, np.zeros(8, np.uint8), rank, np.zeros(3), pair_indptr, empty_i, empty_f,
+                 np.zeros(1, np.int64), empty_i, empty_f, 1.0, 0.0, 1.1, 1, 3, 0, np.random.default_rng(0).random,
+                 *scratch, np.empty(4, np.int64), np.empty(4, np.int64), 0]  # fmt: skip
     tokens, pairs_ready = _native.step(*step_args)
     assert len(tokens) == 1 and pairs_ready  # nothing stored: head 1 alone
-    step_args[2] = np.zeros((2, 3), np.uint8)  # seen does not match the candidates
+    step_args[2] = np.zeros(7, np.uint8)  # the generated-token mask does not cover the vocabulary
     with pytest.raises(ValueError, match="buffer sizes"):
         _native.step(*step_args)
+    step_args[2], step_args[1] = np.zeros(8, np.uint8), 9  # more candidates than tokens
     with pytest.raises(ValueError, match="buffer sizes"):
-        _native.select(
-            np.zeros(10, np.float32),
-            1,
-            10,
-            10,
-            11,
-            np.zeros(10),
-            np.ones(1),
-            np.empty(11, np.int64),
-            np.empty(11),
-        )
+        _native.step(*step_args)
+    step_args[1] = 2
+    for wrong in (logits.astype(np.float64), logits.reshape(-1), logits[:, ::2], np.zeros((4, 2, 8), np.float32)):
+        step_args[0] = wrong  # not (heads, vocab) float32 rows of unit stride
+        with pytest.raises(ValueError, match="float32 rows"):
+            _native.step(*step_args)
+    with pytest.raises(ValueError, match="buffer sizes"):  # 11 of a 10-token vocabulary
+        _native.marginals(np.zeros((1, 10), np.float32), 11, 1.0, np.empty(11, np.int64), np.empty(11))
+    with pytest.raises(ValueError, match="buffer sizes"):  # no room for the second row's candidates
+        _native.marginals(np.zeros((2, 10), np.float32), 1, 1.0, np.empty(1, np.int64), np.empty(2))
