@@ -158,7 +158,7 @@ static void select_topk(const float *x, Py_ssize_t vocab, Py_ssize_t k, const fl
         if (!(block_max[bl] >= floor)) continue;
         Py_ssize_t hi = (bl + 1) * SELECT_BLOCK < vocab ? (bl + 1) * SELECT_BLOCK : vocab;
         for (int64_t v = bl * SELECT_BLOCK; v < hi; v++) {
-            if (size == k && !(x[v] > worst)) continue;
+            if (!(x[v] >= floor) || (size == k && !(x[v] > worst))) continue;
             Py_ssize_t at;
             if (size < k) { /* sift up */
                 at = size++;

@@ -58,11 +58,13 @@ static void set_candidates(Candidates *c, const int64_t *ids, Py_ssize_t k, int 
 }
 
 /* For row `row`: the positions j of cols stored in it, ascending, into found (their count is
- * returned) and entry[j] = their entry ids; `cand` holds cols. Short rows are scanned, long ones binary-searched; entry[] is only written
- * at the found positions, so a caller that resets those keeps it all -1 between rows; base is
- * k slots of scratch. */
+ * returned) and entry[j] = their entry ids; `cand` holds cols. Short rows are scanned, long ones
+ * binary-searched; entry[] is only written at the found positions, so a caller that resets those
+ * keeps it all -1 between rows; base is k slots of scratch. Each found entry's value, and its
+ * slot in next_rows (the next table's row bounds) unless NULL, are prefetched: the caller reads
+ * them after the whole grid is found, and by then the misses have overlapped. */
 static Py_ssize_t row_entries(const Table *t, int64_t row, const int64_t *cols, Py_ssize_t k, const Candidates *cand,
-                              int64_t *entry, Py_ssize_t *found, int64_t *base) {
+                              int64_t *entry, Py_ssize_t *found, int64_t *base, const int64_t *next_rows) {
     int64_t start = t->indptr[row], end = t->indptr[row + 1];
     Py_ssize_t count = 0;
     if (end - start <= SCAN_ROW_FACTOR * k) {
@@ -71,6 +73,8 @@ static Py_ssize_t row_entries(const Table *t, int64_t row, const int64_t *cols, 
             if (!((cand->bits[token >> 6] >> (token & 63)) & 1)) continue;
             int32_t j = cand->rank[token];
             entry[j] = e;
+            __builtin_prefetch(&t->values[e]);
+            if (next_rows) __builtin_prefetch(&next_rows[e]);
             Py_ssize_t at = count++; /* insertion sort: a row holds few of the candidates */
             while (at > 0 && found[at - 1] > j) {
                 found[at] = found[at - 1];
@@ -91,6 +95,8 @@ static Py_ssize_t row_entries(const Table *t, int64_t row, const int64_t *cols, 
             entry[j] = -1;
             if (e < end && t->indices[e] == cols[j]) {
                 entry[j] = e;
+                __builtin_prefetch(&t->values[e]);
+                if (next_rows) __builtin_prefetch(&next_rows[e]);
                 found[count++] = j;
             }
         }
@@ -162,28 +168,56 @@ static int fail(const char *message) {
     return -1;
 }
 
+/* What joint_core reads and writes, as plain arrays: the tables, checked against each other
+ * once (tables_from), and scratch for grids of up to `capacity` cells. */
+typedef struct {
+    Table pairs, triples; /* triples.rows == 0: no triple table */
+    int32_t *rank;        /* one per token, all -1 between calls */
+    Py_ssize_t vocab;
+    int64_t *cells;       /* capacity: the output cell ids */
+    double *values;       /* capacity: J there */
+    double *work;         /* 3 x work_third: a zero grid (all 0 between calls), then two pass grids */
+    Py_ssize_t work_third;
+    Point *points;        /* 3 x point_third: the blur's cell lists; the triple phase reads it as int64 */
+    Py_ssize_t point_third;
+    uint8_t *flags;       /* capacity, all 0 between calls */
+    int64_t *pair_grid;   /* pair_capacity: pair entry ids of a k1 x k2 grid */
+    Py_ssize_t capacity, pair_capacity;
+} Workspace;
+
+/* The CSR tables in `b` as Tables (pairs: one row per token; triples: one row per pair entry,
+ * or absent when its indptr is the single 0 of an empty table); -1 with a ValueError when their
+ * sizes disagree. */
+static int tables_from(const Buffers *b, Py_ssize_t vocab, Table *pairs, Table *triples) {
+    *pairs = (Table){b->pair_indptr.buf, b->pair_indices.buf, b->pair_values.buf,
+                     b->pair_indptr.len / (Py_ssize_t)sizeof(int64_t) - 1,
+                     b->pair_indices.len / (Py_ssize_t)sizeof(int32_t)};
+    *triples = (Table){b->triple_indptr.buf, b->triple_indices.buf, b->triple_values.buf,
+                       b->triple_indptr.len / (Py_ssize_t)sizeof(int64_t) - 1,
+                       b->triple_indices.len / (Py_ssize_t)sizeof(int32_t)};
+    if (pairs->rows != vocab || b->pair_values.len != pairs->nnz * (Py_ssize_t)sizeof(float) ||
+        pairs->indptr[0] != 0 || pairs->indptr[pairs->rows] != pairs->nnz ||
+        (triples->rows != 0 && triples->rows != pairs->nnz) || triples->rows < 0 ||
+        b->triple_values.len != triples->nnz * (Py_ssize_t)sizeof(float) || triples->indptr[0] != 0 ||
+        triples->indptr[triples->rows] != triples->nnz)
+        return fail("the co-occurrence tables' sizes do not agree with each other and the vocabulary");
+    return 0;
+}
+
 /* The weighted joint over the grid of `shape` (candidates of axis a at ids + sum of the earlier
- * axes' sizes, likewise probs) into b->out_cells / b->out_values: the count, -1 when
+ * axes' sizes, likewise probs) into w->cells / w->values: the count, -1 when
  * min(max J, 1) <= bound before Otsu, -2 with a Python error set. */
-static Py_ssize_t joint_core(Buffers *bufs, int ndim, const Py_ssize_t *shape, const int64_t *ids_base,
+static Py_ssize_t joint_core(const Workspace *w, int ndim, const Py_ssize_t *shape, const int64_t *ids_base,
                              const double *probs_base, double mass, double bound, double static_threshold, int otsu,
                              int blur, int reuse_pairs) {
-    Buffers b = *bufs;
     Py_ssize_t size = 1, result = -2;
     int64_t *part = NULL;
     for (int a = 0; a < ndim; a++) size *= shape[a];
-    Py_ssize_t vocab = b.rank.len / (Py_ssize_t)sizeof(int32_t);
-    Table pairs = {b.pair_indptr.buf, b.pair_indices.buf, b.pair_values.buf,
-                   b.pair_indptr.len / (Py_ssize_t)sizeof(int64_t) - 1, b.pair_indices.len / (Py_ssize_t)sizeof(int32_t)};
-    Table triples = {b.triple_indptr.buf, b.triple_indices.buf, b.triple_values.buf,
-                     b.triple_indptr.len / (Py_ssize_t)sizeof(int64_t) - 1,
-                     b.triple_indices.len / (Py_ssize_t)sizeof(int32_t)};
-    if (pairs.rows != vocab || b.pair_values.len != pairs.nnz * (Py_ssize_t)sizeof(float) ||
-        (ndim == 3 && (triples.rows != pairs.nnz || b.triple_values.len != triples.nnz * (Py_ssize_t)sizeof(float))) ||
-        b.out_cells.len < size * (Py_ssize_t)sizeof(int64_t) || b.out_values.len < size * (Py_ssize_t)sizeof(double) ||
-        b.work.len < 3 * size * (Py_ssize_t)sizeof(double) || b.iwork.len < 3 * size * (Py_ssize_t)sizeof(Point) ||
-        b.flags.len < size || b.pair_grid.len < shape[0] * shape[1] * (Py_ssize_t)sizeof(int64_t)) {
-        fail("joint: buffer sizes do not match the grid and the tables");
+    Py_ssize_t vocab = w->vocab;
+    Table pairs = w->pairs, triples = w->triples;
+    if ((ndim == 3 && triples.rows != pairs.nnz) || w->capacity < size || w->work_third < size ||
+        w->point_third < size || w->pair_capacity < shape[0] * shape[1]) {
+        fail("joint: the scratch or the tables do not fit the grid");
         goto done;
     }
     const int64_t *ids[MAX_ORDER];
@@ -197,9 +231,9 @@ static Py_ssize_t joint_core(Buffers *bufs, int ndim, const Py_ssize_t *shape, c
                 goto done;
             }
     }
-    int32_t *rank = b.rank.buf;
-    int64_t *cells = b.out_cells.buf;
-    double *values = b.out_values.buf;
+    int32_t *rank = w->rank;
+    int64_t *cells = w->cells;
+    double *values = w->values;
     Py_ssize_t k1 = shape[0], k2 = shape[1], pair_cells = k1 * k2;
     Py_ssize_t klast = shape[ndim - 1];
     Py_ssize_t kmax = k2 > klast ? k2 : klast;
@@ -209,7 +243,7 @@ static Py_ssize_t joint_core(Buffers *bufs, int ndim, const Py_ssize_t *shape, c
         goto done;
     }
     Candidates cand = {(uint64_t *)part + 3 * kmax, rank};
-    int64_t *pair_entry = b.pair_grid.buf, *entry = part, *base = entry + kmax;
+    int64_t *pair_entry = w->pair_grid, *entry = part, *base = entry + kmax;
     Py_ssize_t *found = (Py_ssize_t *)(base + kmax);
 
     /* Pair entry of every (i, j) cell, -1 where the pair is not stored; a step that backs off
@@ -222,7 +256,8 @@ static Py_ssize_t joint_core(Buffers *bufs, int ndim, const Py_ssize_t *shape, c
         for (Py_ssize_t i = 0; i < k1; i++) __builtin_prefetch(&pairs.indptr[ids[0][i]]);
         for (Py_ssize_t i = 0; i < k1; i++) {
             if (i + PAIR_ROWS_AHEAD < k1) __builtin_prefetch(&pairs.indices[pairs.indptr[ids[0][i + PAIR_ROWS_AHEAD]]]);
-            row_entries(&pairs, ids[0][i], ids[1], k2, &cand, pair_entry + i * k2, found, base);
+            row_entries(&pairs, ids[0][i], ids[1], k2, &cand, pair_entry + i * k2, found, base,
+                        ndim == 3 ? triples.indptr : NULL);
         }
         set_candidates(&cand, ids[1], k2, 0);
     }
@@ -242,8 +277,9 @@ static Py_ssize_t joint_core(Buffers *bufs, int ndim, const Py_ssize_t *shape, c
         /* The stored pairs with f_1 f_2 and their triple rows' bounds, read with prefetches
          * running ahead: each row is a miss in a table of megabytes, and a step visits a thousand.
          * (No divisions by k2 per cell: they would cost more than the rest of the loop.) */
-        int64_t *live = (int64_t *)b.iwork.buf, *row_start = live + pair_cells, *row_end = row_start + pair_cells;
-        double *lead = (double *)b.work.buf + b.work.len / (3 * (Py_ssize_t)sizeof(double)); /* pass0's third */
+        int64_t *live = (int64_t *)w->points, *row_start = live + pair_cells, *row_end = row_start + pair_cells;
+        int64_t *hit_entry = row_end + pair_cells; /* the triple entry of each hit */
+        double *lead = w->work + w->work_third; /* pass0's third */
         for (Py_ssize_t i = 0, c = 0; i < k1; i++)
             for (Py_ssize_t j = 0; j < k2; j++, c++)
                 if (pair_entry[c] >= 0) {
@@ -261,15 +297,17 @@ static Py_ssize_t joint_core(Buffers *bufs, int ndim, const Py_ssize_t *shape, c
             if (i + PREFETCH_AHEAD < n_live) __builtin_prefetch(&triples.indices[row_start[i + PREFETCH_AHEAD]]);
             if (row_start[i] == row_end[i]) continue;
             Py_ssize_t c = live[i];
-            Py_ssize_t n_found = row_entries(&triples, pair_entry[c], ids[2], k3, &cand, entry, found, base);
+            Py_ssize_t n_found = row_entries(&triples, pair_entry[c], ids[2], k3, &cand, entry, found, base, NULL);
             for (Py_ssize_t f = 0; f < n_found; f++) {
                 Py_ssize_t l = found[f];
-                double r = lead[i] * probs[2][l];
                 cells[hits] = c * k3 + l;
-                values[hits++] = r * (double)triples.values[entry[l]];
+                hit_entry[hits] = entry[l];
+                values[hits++] = lead[i] * probs[2][l]; /* R before W */
             }
         }
         set_candidates(&cand, ids[2], k3, 0);
+        /* W in a second pass: the scans prefetched each hit's weight, and by now they have arrived. */
+        for (Py_ssize_t h = 0; h < hits; h++) values[h] = values[h] * (double)triples.values[hit_entry[h]];
     }
 
     double total = 0.0, top = 0.0;
@@ -317,10 +355,9 @@ static Py_ssize_t joint_core(Buffers *bufs, int ndim, const Py_ssize_t *shape, c
     int whole = positive * reach >= size;
     /* Thirds of the scratch at fixed offsets: the zero grid must stay where it was for a call
      * on a larger grid, whatever this one's size. */
-    Py_ssize_t third = b.work.len / (3 * (Py_ssize_t)sizeof(double)), ithird = b.iwork.len / (3 * (Py_ssize_t)sizeof(Point));
-    double *dense_j = b.work.buf, *pass0 = dense_j + third, *pass1 = pass0 + third;
-    Point *list_x = b.iwork.buf, *list_1 = list_x + ithird, *list_0 = list_1 + ithird;
-    uint8_t *flags = b.flags.buf;
+    double *dense_j = w->work, *pass0 = dense_j + w->work_third, *pass1 = pass0 + w->work_third;
+    Point *list_x = w->points, *list_1 = list_x + w->point_third, *list_0 = list_1 + w->point_third;
+    uint8_t *flags = w->flags;
     for (Py_ssize_t h = 0; h < hits; h++) dense_j[cells[h]] = values[h]; /* dense_j is all 0 between calls */
     Py_ssize_t n_x = 0, n_1 = 0, n_0 = 0;
     int sparse = !whole && radius;
@@ -484,7 +521,17 @@ static PyObject *joint(PyObject *self, PyObject *args) {
         fail("joint: buffer sizes do not match the grid and the tables");
         goto done;
     }
-    result = joint_core(&b, ndim, shape, b.ids.buf, b.probs.buf, mass, bound, static_threshold, otsu, blur, reuse_pairs);
+    Py_ssize_t vocab = b.rank.len / (Py_ssize_t)sizeof(int32_t);
+    Workspace w = {.rank = b.rank.buf, .vocab = vocab, .cells = b.out_cells.buf, .values = b.out_values.buf,
+                   .work = b.work.buf, .work_third = b.work.len / (3 * (Py_ssize_t)sizeof(double)),
+                   .points = b.iwork.buf, .point_third = b.iwork.len / (3 * (Py_ssize_t)sizeof(Point)),
+                   .flags = b.flags.buf, .pair_grid = b.pair_grid.buf,
+                   .pair_capacity = b.pair_grid.len / (Py_ssize_t)sizeof(int64_t)};
+    w.capacity = b.out_cells.len / (Py_ssize_t)sizeof(int64_t);
+    if (b.out_values.len / (Py_ssize_t)sizeof(double) < w.capacity) w.capacity = b.out_values.len / (Py_ssize_t)sizeof(double);
+    if (b.flags.len < w.capacity) w.capacity = b.flags.len;
+    if (tables_from(&b, vocab, &w.pairs, &w.triples) < 0) goto done;
+    result = joint_core(&w, ndim, shape, b.ids.buf, b.probs.buf, mass, bound, static_threshold, otsu, blur, reuse_pairs);
 done:
     release(&b);
     if (result == -2) return NULL;
@@ -542,97 +589,180 @@ static Py_ssize_t draw_sequential(const double *w, Py_ssize_t n, int greedy, PyO
     return last;
 }
 
-/* step(logits, k, seen, rank, bounds, pair_indptr, pair_indices, pair_values, triple_indptr,
- *      triple_indices, triple_values, temperature, static_threshold, penalty, otsu, blur,
- *      greedy, random, out_cells, out_values, work, iwork, flags, pair_grid, pair_ids, reuse_allowed)
- * -> (the tokens to emit as a tuple, whether pair_grid now holds the pairs of the ids in
- *    pair_ids), or None when a head's logits hold a NaN or an infinite maximum:
- * DynamicSampler.step's weighted path in one call. logits holds the rows of heads 1..n_used
- * (get_rows); their marginals as _marginals.c computes them, each head's top-k mass as a
- * running sum, the masses multiplied head by head (the numpy path's order). Then for
- * n = n_used .. 2: back off at once if mass n cannot beat bounds[n], else the joint, the
- * repetition penalty on its kept cells, the bound, and the draw; at n = 1 head 1 alone.
- * seen (uint8, one per token) marks the generated tokens; bounds (float64) is indexed by n;
- * `random` is rng.random, called once per non-greedy draw as the numpy path calls it. Scratch as
- * for joint(); pair_ids (int64, 2 k) holds the two id lists whose pairs pair_grid holds, which a
- * step reuses when reuse_allowed (the same tables) and its ids are those. */
-static PyObject *step(PyObject *self, PyObject *args) {
+/* Stepper(k, n_used, bounds, pair_indptr, pair_indices, pair_values, triple_indptr,
+ *         triple_indices, triple_values, temperature, static_threshold, penalty, otsu, blur, greedy)
+ * DynamicSampler.step's weighted path for one sampler and one plan (masks, config, heads, k).
+ * It holds the tables' buffers while it lives and owns its scratch, so that a step hands over
+ * only what changes: a step used to acquire twenty buffers and parse twenty-seven arguments,
+ * which cost more than the Otsu threshold once a forward pass had left Python's own data cold.
+ *
+ * .step(logits, seen, random) -> the tokens to emit as a tuple; None when a head's logits hold
+ * a NaN or an infinite maximum; NotImplemented for logits it does not read (get_rows: e.g.
+ * float16). logits holds heads 1.. in its rows (at least n_used, vocab wide); their marginals as
+ * _marginals.c computes them, each head's top-k mass as a running sum, the masses multiplied
+ * head by head (the numpy path's order). Then for n = n_used .. 2: back off at once if mass n
+ * cannot beat bounds[n], else the joint, the repetition penalty on its kept cells, the bound,
+ * and the draw; at n = 1 head 1 alone. seen (one byte per token) marks the generated tokens;
+ * bounds (float64) is indexed by n; `random` is rng.random, called once per non-greedy draw as
+ * the numpy path calls it. The pair grid of the last step is reused when the first two heads'
+ * candidates are the same (a 3 -> 2 back-off always; a next step sometimes). */
+typedef struct {
+    PyObject_HEAD
+    Buffers held; /* the six tables' buffers */
+    Workspace w;
+    Py_ssize_t k, n_used;
+    double bounds[MAX_ORDER + 1], temperature, static_threshold, penalty;
+    int otsu, blur, greedy;
+    int pairs_valid; /* w.pair_grid holds the pairs of pair_ids */
+    int64_t *pair_ids; /* 2 k: heads 1 and 2's candidates */
+    void *select;      /* _marginals.c's scratch */
+    int64_t *ids;      /* n_used x k candidates */
+    double *probs;     /* n_used x k */
+    uint8_t *in_seen;  /* n_used x k: whether each candidate was generated */
+} Stepper;
+
+static void stepper_dealloc(Stepper *self) {
+    void *owned[] = {self->w.rank, self->w.cells, self->w.values, self->w.work, self->w.points, self->w.flags,
+                     self->w.pair_grid, self->pair_ids, self->select, self->ids, self->probs, self->in_seen};
+    for (size_t i = 0; i < sizeof(owned) / sizeof(owned[0]); i++) PyMem_Free(owned[i]);
+    release(&self->held);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int stepper_init(Stepper *self, PyObject *args, PyObject *kwargs) {
+    Py_buffer bounds = {0};
     Buffers b;
     memset(&b, 0, sizeof(b));
-    Py_buffer logits = {0}, seen = {0}, bounds = {0}, pair_ids = {0};
-    Py_ssize_t n_used = 0, vocab = 0, row_stride = 0, k;
-    double temperature, static_threshold, penalty;
-    int otsu, blur, greedy, reuse_allowed;
-    PyObject *logits_obj, *random, *result = NULL;
-    void *scratch = NULL;
-    if (!PyArg_ParseTuple(args, "Ony*w*y*y*y*y*y*y*y*dddiiiOw*w*w*w*w*w*w*i", &logits_obj, &k, &seen, &b.rank,
-                          &bounds, &b.pair_indptr, &b.pair_indices, &b.pair_values, &b.triple_indptr,
-                          &b.triple_indices, &b.triple_values, &temperature, &static_threshold, &penalty, &otsu, &blur, &greedy,
-                          &random, &b.out_cells, &b.out_values, &b.work, &b.iwork, &b.flags, &b.pair_grid, &pair_ids,
-                          &reuse_allowed))
+    Py_ssize_t k, n_used;
+    int result = -1;
+    if (self->w.rank) return fail("Stepper: already initialised");
+    if (kwargs && PyDict_GET_SIZE(kwargs)) return fail("Stepper: positional arguments only");
+    if (!PyArg_ParseTuple(args, "nny*y*y*y*y*y*y*dddiii", &k, &n_used, &bounds, &b.pair_indptr, &b.pair_indices,
+                          &b.pair_values, &b.triple_indptr, &b.triple_indices, &b.triple_values, &self->temperature,
+                          &self->static_threshold, &self->penalty, &self->otsu, &self->blur, &self->greedy))
         goto done;
-    if (get_rows(logits_obj, &logits, &n_used, &vocab, &row_stride) < 0) goto done;
-    const double *bound = bounds.buf;
-    const uint8_t *generated = seen.buf;
-    if (n_used > MAX_ORDER || k < 1 || k > vocab || !(temperature > 0) || seen.len != vocab ||
-        b.rank.len != vocab * (Py_ssize_t)sizeof(int32_t) || bounds.len < (n_used + 1) * (Py_ssize_t)sizeof(double) ||
-        pair_ids.len < 2 * k * (Py_ssize_t)sizeof(int64_t) || b.out_values.len < k * (Py_ssize_t)sizeof(double) ||
-        !PyCallable_Check(random)) {
-        fail("step: buffer sizes do not match n_used x vocab and k");
+    Py_ssize_t vocab = b.pair_indptr.len / (Py_ssize_t)sizeof(int64_t) - 1;
+    if (n_used < 2 || n_used > MAX_ORDER || k < 1 || k > vocab || !(self->temperature > 0) ||
+        bounds.len != (n_used + 1) * (Py_ssize_t)sizeof(double) || (self->blur != 0 && self->blur != 1 && self->blur != 3)) {
+        fail("Stepper: needs 2 or 3 heads, 1 <= k <= vocab, temperature > 0, bounds for n = 0..n_used, blur 0, 1 or 3");
         goto done;
     }
-    size_t select_bytes = (marginals_scratch_bytes(vocab, k) + 7) / 8 * 8; /* then 8-byte aligned arrays */
-    scratch = PyMem_Malloc(select_bytes + (size_t)(n_used * k) * (2 * sizeof(double) + 1));
-    if (!scratch) {
+    if (tables_from(&b, vocab, &self->w.pairs, &self->w.triples) < 0) goto done;
+    if (n_used == 3 && self->w.triples.rows != self->w.pairs.nnz) {
+        fail("Stepper: three heads need the triple table");
+        goto done;
+    }
+    Py_ssize_t cells = n_used == 3 ? k * k * k : k * k;
+    self->k = k;
+    self->n_used = n_used;
+    memcpy(self->bounds, bounds.buf, (size_t)bounds.len);
+    self->w.vocab = vocab;
+    self->w.capacity = self->w.work_third = self->w.point_third = cells;
+    self->w.pair_capacity = k * k;
+    self->w.rank = PyMem_Malloc((size_t)vocab * sizeof(int32_t));
+    self->w.cells = PyMem_Malloc((size_t)cells * sizeof(int64_t));
+    self->w.values = PyMem_Malloc((size_t)cells * sizeof(double));
+    self->w.work = PyMem_Calloc((size_t)(3 * cells), sizeof(double));
+    self->w.points = PyMem_Malloc((size_t)(3 * cells) * sizeof(Point));
+    self->w.flags = PyMem_Calloc((size_t)cells, 1);
+    self->w.pair_grid = PyMem_Malloc((size_t)(k * k) * sizeof(int64_t));
+    self->pair_ids = PyMem_Malloc((size_t)(2 * k) * sizeof(int64_t));
+    self->select = PyMem_Malloc(marginals_scratch_bytes(vocab, k));
+    self->ids = PyMem_Malloc((size_t)(n_used * k) * sizeof(int64_t));
+    self->probs = PyMem_Malloc((size_t)(n_used * k) * sizeof(double));
+    self->in_seen = PyMem_Malloc((size_t)(n_used * k));
+    if (!self->w.rank || !self->w.cells || !self->w.values || !self->w.work || !self->w.points || !self->w.flags ||
+        !self->w.pair_grid || !self->pair_ids || !self->select || !self->ids || !self->probs || !self->in_seen) {
         PyErr_NoMemory();
         goto done;
     }
-    int64_t *ids = (int64_t *)((char *)scratch + select_bytes);
-    double *probs = (double *)(ids + n_used * k), mass[MAX_ORDER + 1] = {1.0};
-    uint8_t *in_seen = (uint8_t *)(probs + n_used * k);
+    for (Py_ssize_t v = 0; v < vocab; v++) self->w.rank[v] = -1;
+    /* Keep the tables' buffers (and so their arrays) for the stepper's life. */
+    self->held.pair_indptr = b.pair_indptr;
+    self->held.pair_indices = b.pair_indices;
+    self->held.pair_values = b.pair_values;
+    self->held.triple_indptr = b.triple_indptr;
+    self->held.triple_indices = b.triple_indices;
+    self->held.triple_values = b.triple_values;
+    memset(&b, 0, sizeof(b));
+    result = 0;
+done:
+    release(&b);
+    PyBuffer_Release(&bounds);
+    return result;
+}
+
+/* The first of the top-k mass products, per n, that can beat its bound, down to the draw. */
+static PyObject *stepper_step(Stepper *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "step(logits, seen, random) takes three arguments");
+        return NULL;
+    }
+    if (!self->w.rank) {
+        fail("Stepper: not initialised");
+        return NULL;
+    }
+    Py_buffer logits = {0}, seen = {0};
+    Py_ssize_t rows = 0, vocab = 0, row_stride = 0, k = self->k, n_used = self->n_used;
+    PyObject *random = args[2], *result = NULL;
+    const Workspace *w = &self->w;
+    if (get_rows(args[0], &logits, &rows, &vocab, &row_stride) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_ValueError)) return NULL;
+        PyErr_Clear(); /* a layout this kernel does not read: the numpy path's */
+        return Py_NewRef(Py_NotImplemented);
+    }
+    if (PyObject_GetBuffer(args[1], &seen, PyBUF_SIMPLE) < 0) goto done;
+    if (rows < n_used || vocab != w->vocab || seen.len != vocab || !PyCallable_Check(random)) {
+        fail("Stepper.step: logits need n_used rows of the tables' vocabulary, seen one byte per token");
+        goto done;
+    }
+    const uint8_t *generated = seen.buf;
+    int64_t *ids = self->ids;
+    double *probs = self->probs, mass[MAX_ORDER + 1] = {1.0};
+    uint8_t *in_seen = self->in_seen;
     for (Py_ssize_t a = 0; a < n_used; a++) {
-        if (row_marginals((const float *)logits.buf + a * row_stride, vocab, k, temperature, ids + a * k,
-                          probs + a * k, scratch) < 0) {
+        if (row_marginals((const float *)logits.buf + a * row_stride, vocab, k, self->temperature, ids + a * k,
+                          probs + a * k, self->select) < 0) {
             result = Py_NewRef(Py_None);
             goto done;
         }
         double sum = 0.0;
         for (Py_ssize_t j = 0; j < k; j++) {
             sum += probs[a * k + j];
-            in_seen[a * k + j] = generated[ids[a * k + j]];
+            in_seen[a * k + j] = generated[ids[a * k + j]] != 0;
         }
         mass[a + 1] = mass[a] * sum;
     }
     int64_t tokens[MAX_ORDER];
     Py_ssize_t emitted = 0;
-    /* pair_grid holds these ids' pairs: from an earlier call, or this one's first joint */
-    int pairs_ready = reuse_allowed && n_used >= 2 && !memcmp(pair_ids.buf, ids, 2 * k * sizeof(int64_t));
+    int pairs_ready = self->pairs_valid && !memcmp(self->pair_ids, ids, 2 * k * sizeof(int64_t));
     for (Py_ssize_t n = n_used; n >= 2 && !emitted; n--) {
         double capped = mass[n] * (1 + 1e-9); /* J <= mass: see DynamicSampler._weighted_joint */
-        if ((capped < 1.0 ? capped : 1.0) <= bound[n]) continue;
+        if ((capped < 1.0 ? capped : 1.0) <= self->bounds[n]) continue;
         Py_ssize_t shape[MAX_ORDER] = {k, k, k};
-        Py_ssize_t count = joint_core(&b, (int)n, shape, ids, probs, mass[n], bound[n], static_threshold, otsu, blur,
-                                      pairs_ready);
+        self->pairs_valid = pairs_ready; /* the call below writes the pair grid unless it reuses it */
+        Py_ssize_t count = joint_core(w, (int)n, shape, ids, probs, mass[n], self->bounds[n], self->static_threshold,
+                                      self->otsu, self->blur, pairs_ready);
         if (count == -2) goto done;
-        if (!pairs_ready) memcpy(pair_ids.buf, ids, 2 * k * sizeof(int64_t));
-        pairs_ready = 1;
+        if (!pairs_ready) memcpy(self->pair_ids, ids, 2 * k * sizeof(int64_t));
+        self->pairs_valid = pairs_ready = 1;
         if (count < 0) continue;
-        int64_t *cells = b.out_cells.buf;
-        double *values = b.out_values.buf, peak = 0.0;
+        int64_t *cells = w->cells;
+        double *values = w->values, peak = 0.0;
         for (Py_ssize_t c = 0; c < count; c++) {
-            if (penalty != 1.0) { /* once per axis whose candidate was generated, axis by axis */
+            if (self->penalty != 1.0) { /* once per axis whose candidate was generated, axis by axis */
                 Py_ssize_t coord[MAX_ORDER], rest = cells[c];
                 for (Py_ssize_t a = n - 1; a >= 0; a--) {
                     coord[a] = rest % k;
                     rest /= k;
                 }
                 for (Py_ssize_t a = 0; a < n; a++)
-                    if (in_seen[a * k + coord[a]]) values[c] = values[c] / penalty;
+                    if (in_seen[a * k + coord[a]]) values[c] = values[c] / self->penalty;
             }
             if (values[c] > peak) peak = values[c];
         }
-        if (!((peak < 1.0 ? peak : 1.0) > bound[n])) continue;
-        Py_ssize_t pick = draw_sequential(values, count, greedy, random);
+        if (!((peak < 1.0 ? peak : 1.0) > self->bounds[n])) continue;
+        Py_ssize_t pick = draw_sequential(values, count, self->greedy, random);
         if (pick == -2) goto done;
         Py_ssize_t rest = cells[pick];
         for (Py_ssize_t a = n - 1; a >= 0; a--) {
@@ -642,33 +772,46 @@ static PyObject *step(PyObject *self, PyObject *args) {
         emitted = n;
     }
     if (!emitted) { /* head 1 alone: its top-k over the penalty (x / 1.0 is x) */
-        double *weights = b.out_values.buf;
-        for (Py_ssize_t j = 0; j < k; j++) weights[j] = probs[j] / (in_seen[j] && penalty != 1.0 ? penalty : 1.0);
-        Py_ssize_t pick = draw_sequential(weights, k, greedy, random);
+        double *weights = w->values;
+        for (Py_ssize_t j = 0; j < k; j++)
+            weights[j] = probs[j] / (in_seen[j] && self->penalty != 1.0 ? self->penalty : 1.0);
+        Py_ssize_t pick = draw_sequential(weights, k, self->greedy, random);
         if (pick == -2) goto done;
         tokens[0] = ids[pick];
         emitted = 1;
     }
-    PyObject *emitted_tokens = PyTuple_New(emitted);
-    if (!emitted_tokens) goto done;
+    result = PyTuple_New(emitted);
+    if (!result) goto done;
     for (Py_ssize_t i = 0; i < emitted; i++) {
         PyObject *token = PyLong_FromLongLong(tokens[i]);
         if (!token) {
-            Py_DECREF(emitted_tokens);
+            Py_CLEAR(result);
             goto done;
         }
-        PyTuple_SET_ITEM(emitted_tokens, i, token);
+        PyTuple_SET_ITEM(result, i, token);
     }
-    result = Py_BuildValue("(Ni)", emitted_tokens, pairs_ready);
 done:
-    PyMem_Free(scratch);
-    release(&b);
     PyBuffer_Release(&logits);
     PyBuffer_Release(&seen);
-    PyBuffer_Release(&bounds);
-    PyBuffer_Release(&pair_ids);
     return result;
 }
+
+static PyMethodDef stepper_methods[] = {
+    {"step", (PyCFunction)(void (*)(void))stepper_step, METH_FASTCALL,
+     "step(logits, seen, random) -> tokens, None for unusable logits, NotImplemented for unread ones."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject StepperType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "runtime._native.Stepper",
+    .tp_doc = "One sampler's compiled dynamic step for one plan (see runtime/native.py).",
+    .tp_basicsize = sizeof(Stepper),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)stepper_init,
+    .tp_dealloc = (destructor)stepper_dealloc,
+    .tp_methods = stepper_methods,
+};
 
 /* marginals(logits, k, temperature, ids, probs) -> whether every row was usable: per row of
  * logits (get_rows), the k best tokens by (-logit, id) into
@@ -706,7 +849,6 @@ done:
 }
 
 static PyMethodDef methods[] = {
-    {"step", step, METH_VARARGS, "One pass of Algorithm 1 with co-occurrence weights (see runtime/native.py)."},
     {"marginals", marginals, METH_VARARGS, "Each row's top-k ids and softmax probabilities (see runtime/native.py)."},
     {"joint", joint, METH_VARARGS, "DynaMo's co-occurrence weighted joint over the stored n-grams (see runtime/native.py)."},
     {NULL, NULL, 0, NULL},
@@ -714,4 +856,9 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "runtime._native", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__native(void) {
+    if (PyType_Ready(&StepperType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddObjectRef(m, "Stepper", (PyObject *)&StepperType) < 0) Py_CLEAR(m);
+    return m;
+}

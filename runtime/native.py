@@ -105,7 +105,12 @@ def reads(logits: np.ndarray) -> bool:
 
 
 class NativeSampler:
-    """The kernel's scratch for one sampler (not thread-safe, like the sampler itself)."""
+    """The kernel's scratch for one sampler (not thread-safe, like the sampler itself).
+
+    A whole step goes through a `_native.Stepper` built for the last plan (masks, config,
+    heads, k): it holds the tables and its own scratch, so a step passes only the logits,
+    the seen mask and the random source. `joint` alone keeps its scratch here.
+    """
 
     def __init__(self) -> None:
         self._rank = np.empty(0, dtype=np.int32)
@@ -114,36 +119,39 @@ class NativeSampler:
         self._work = np.empty(0, dtype=np.float64)  # (3 * cells,): a zero grid, then two pass grids
         self._iwork = np.empty(0, dtype=np.int64)  # (5 * cells,): cell lists
         self._flags = np.empty(0, dtype=np.uint8)  # (cells,): all 0 between calls
-        # The pair entry ids of a k1 x k2 grid of candidates, for a 3 -> 2 back-off or a next step
+        # The pair entry ids of a k1 x k2 grid of candidates, for a 3 -> 2 back-off or a next call
         # with the same candidates; the two id lists, concatenated; the grid's shape; and the pair
         # table they come from (held, not its id, which could be reused), None when not valid.
         self._pair_grid = np.empty(0, dtype=np.int64)
         self._pair_ids = np.empty(0, dtype=np.int64)
         self._pair_shape = (0, 0)
         self._pair_table: np.ndarray | None = None
-        # can_step's last question and answer, with the kernel's arguments for that config
-        self._plan: tuple = (None, None, 0, 0, False, None, ())
+        # can_step's last question and its answer: a Stepper for that plan, or None
+        self._plan: tuple = (None, None, 0, 0)
+        self._stepper = None
 
     def can_step(self, masks, config: SamplingConfig, n_heads: int, k: int) -> bool:
         """`supports_step`, remembered for the last masks and config (a generation asks every pass)."""
-        last_masks, last_config, last_heads, last_k, answer, _, _ = self._plan
-        if masks is last_masks and config is last_config and (n_heads, k) == (last_heads, last_k):
-            return answer
-        answer = supports_step(masks, config, n_heads, k)
-        tables = masks.csr_tables() if answer else None
-        settings = (
+        last_masks, last_config, last_heads, last_k = self._plan
+        if masks is last_masks and config is last_config and n_heads == last_heads and k == last_k:
+            return self._stepper is not None
+        self._plan, self._stepper = (masks, config, n_heads, k), None
+        if supports_step(masks, config, n_heads, k):
             # bounds[n] = eps_b ** (n - 1), as the numpy path computes it
-            np.array([config.eps_b ** (m - 1) if m else 0.0 for m in range(n_heads + 1)]),
-            *(tables or ()),
-            float(config.temperature or 1.0),
-            float(config.static_threshold),
-            float(config.repetition_penalty),
-            int(config.adaptive),
-            int(config.blur),
-            int(config.greedy),
-        )
-        self._plan = (masks, config, n_heads, k, answer, tables, settings)
-        return answer
+            bounds = np.array([config.eps_b ** (m - 1) if m else 0.0 for m in range(n_heads + 1)])
+            self._stepper = _native.Stepper(
+                k,
+                n_heads,
+                bounds,
+                *masks.csr_tables(),
+                float(config.temperature or 1.0),
+                float(config.static_threshold),
+                float(config.repetition_penalty),
+                int(config.adaptive),
+                int(config.blur),
+                int(config.greedy),
+            )
+        return self._stepper is not None
 
     def joint(
         self,
@@ -186,46 +194,18 @@ class NativeSampler:
             return None
         return self._cells[:count].copy(), self._values[:count].copy()
 
-    def step(
-        self,
-        logits: np.ndarray,
-        seen: np.ndarray,
-        masks,
-        config: SamplingConfig,
-        rng: np.random.Generator,
-    ) -> tuple[int, ...] | None:
+    def step(self, logits: np.ndarray, seen: np.ndarray, rng: np.random.Generator) -> tuple[int, ...] | None:
         """The tokens one pass emits: DynamicSampler.step with co-occurrence weights at every n,
-        in one call, from the heads' (n, vocab) logits and the (vocab,) bool mask of generated
-        tokens; the last `can_step` must have said yes for these masks and config. None where the kernel does
-        not read the logits (`reads`). Raises SamplingError for unusable logits.
+        in one call, from the heads' logits (n_heads or more rows of (rows, vocab), heads 1..n first)
+        and the (vocab,) bool mask of generated tokens, for the plan the last `can_step` said yes
+        to. None where the kernel does not read the logits (`reads`). Raises SamplingError for
+        unusable logits.
         """
-        assert _native is not None
-        if not reads(logits):
+        tokens = self._stepper.step(logits, seen, rng.random)
+        if tokens is NotImplemented:
             return None
-        n, vocab = logits.shape
-        k = min(config.top_k, vocab)
-        planned_masks, planned, heads, planned_k, answer, tables, settings = self._plan
-        assert answer and planned_masks is masks and planned is config and (heads, planned_k) == (n, k)
-        if self._pair_ids.size != 2 * k or self._cells.size < k**n or self._rank.size != vocab:
-            self._grow(k**n, (k, k), tables)
-        valid = self._holds_pairs(tables, (k, k))  # the kernel compares the ids
-        self._pair_table = None  # until the coming call succeeds
-        found = _native.step(
-            logits,
-            k,
-            seen.view(np.uint8),
-            self._rank,
-            *settings,
-            rng.random,
-            *self._scratch(),
-            self._pair_ids,
-            int(valid),
-        )
-        if found is None:
+        if tokens is None:
             raise SamplingError(UNUSABLE_LOGITS)
-        tokens, pairs_ready = found
-        if pairs_ready or valid:  # a step that skipped every joint left the grid as it was
-            self._pair_shape, self._pair_table = (k, k), tables.pair_indices
         return tokens
 
     def _holds_pairs(self, tables: CsrTables, shape: tuple[int, int]) -> bool:
@@ -245,9 +225,6 @@ class NativeSampler:
             self._flags = np.zeros(size, dtype=np.uint8)
         if self._pair_grid.size < pair_shape[0] * pair_shape[1]:
             self._pair_grid = np.empty(pair_shape[0] * pair_shape[1], dtype=np.int64)
-            self._pair_table = None
-        if self._pair_ids.size != sum(pair_shape):  # the step's kernel writes the ids in place
-            self._pair_ids = np.full(sum(pair_shape), -1, dtype=np.int64)
             self._pair_table = None
 
     def _scratch(self) -> tuple[np.ndarray, ...]:

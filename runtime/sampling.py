@@ -209,7 +209,7 @@ class DynamicSampler:
         # eps_b = 1 can never emit more than one token: skip building the grids.
         used = n_heads if config.eps_b < 1 else 1
         if self._native is not None and self._native.can_step(masks, config, used, min(config.top_k, vocab)):
-            tokens = self._native.step(logits[:used], _seen_mask(generated, vocab), masks, config, rng)
+            tokens = self._native.step(logits, _seen_mask(generated, vocab), rng)
             if tokens is not None:  # None: logits the kernel does not read (native.reads)
                 return StepResult(tokens, n_heads - len(tokens))
         token_set = _token_set(generated)

@@ -214,36 +214,54 @@ def test_kernel_rejects_buffers_that_do_not_fit():
         )  # fmt: skip
 
     assert call() == 0  # nothing stored: J = 0
-    with pytest.raises(ValueError, match="buffer sizes"):
+    with pytest.raises(ValueError, match="do not fit the grid"):
         call(out=3)
-    with pytest.raises(ValueError, match="buffer sizes"):
+    with pytest.raises(ValueError, match="tables' sizes do not agree"):
         call(rank=np.full(9, -1, dtype=np.int32))  # vocabulary disagrees with the pair table
     with pytest.raises(ValueError, match="outside the vocabulary"):
         call(ids=np.array([0, 1, 2, 8], dtype=np.int64))
-    scratch = (
-        np.empty(8, np.int64),
-        np.empty(8),
-        np.zeros(24),
-        np.empty(40, np.int64),
-        np.zeros(8, np.uint8),
-    )
-    logits = np.zeros((2, 8), np.float32)
-    step_args = [logits, 2, np.zeros(8, np.uint8), rank, np.zeros(3), pair_indptr, empty_i, empty_f,
-                 np.zeros(1, np.int64), empty_i, empty_f, 1.0, 0.0, 1.1, 1, 3, 0, np.random.default_rng(0).random,
-                 *scratch, np.empty(4, np.int64), np.empty(4, np.int64), 0]  # fmt: skip
-    tokens, pairs_ready = _native.step(*step_args)
-    assert len(tokens) == 1 and pairs_ready  # nothing stored: head 1 alone
-    step_args[2] = np.zeros(7, np.uint8)  # the generated-token mask does not cover the vocabulary
-    with pytest.raises(ValueError, match="buffer sizes"):
-        _native.step(*step_args)
-    step_args[2], step_args[1] = np.zeros(8, np.uint8), 9  # more candidates than tokens
-    with pytest.raises(ValueError, match="buffer sizes"):
-        _native.step(*step_args)
-    step_args[1] = 2
-    for wrong in (logits.astype(np.float64), logits.reshape(-1), logits[:, ::2], np.zeros((4, 2, 8), np.float32)):
-        step_args[0] = wrong  # not (heads, vocab) float32 rows of unit stride
-        with pytest.raises(ValueError, match="float32 rows"):
-            _native.step(*step_args)
+
+    tables = [pair_indptr, empty_i, empty_f, np.zeros(1, np.int64), empty_i, empty_f]
+    one_pair = np.array([0, 1, 1, 1, 1, 1, 1, 1, 1], np.int64)  # token 0 -> 1, and no triples
+
+    def stepper(k=2, heads=2, bounds=None, tables=tables, blur=3):
+        bounds = np.zeros(heads + 1) if bounds is None else bounds
+        return _native.Stepper(k, heads, bounds, *tables, 1.0, 0.0, 1.1, 1, blur, 0)
+
+    logits, seen, random = np.zeros((2, 8), np.float32), np.zeros(8, bool), np.random.default_rng(0).random
+    assert len(stepper().step(logits, seen, random)) == 1  # nothing stored: head 1 alone
+    assert len(stepper().step(np.zeros((3, 8), np.float32), seen, random)) == 1  # extra rows: unread
+    for wrong, message in (
+        ({"k": 9}, "k <= vocab"),  # more candidates than tokens
+        (
+            {"heads": 3, "tables": [one_pair, np.ones(1, np.int32), np.ones(1, np.float32), *tables[3:]]},
+            "triple table",
+        ),
+        ({"heads": 4}, "2 or 3 heads"),
+        ({"heads": 2, "bounds": np.zeros(4)}, "bounds"),
+        ({"bounds": np.zeros(2)}, "bounds"),  # none for n = 2
+        ({"blur": 5}, "blur"),
+        (
+            {"tables": [pair_indptr, np.zeros(1, np.int32), *tables[2:]]},
+            "sizes do not agree",
+        ),  # 1 index, 0 values
+    ):
+        with pytest.raises(ValueError, match=message):
+            stepper(**wrong)
+    for logits_, seen_ in (
+        (logits, np.zeros(7, bool)),  # the generated-token mask does not cover the vocabulary
+        (logits[:1], seen),  # fewer rows than heads
+        (np.zeros((2, 9), np.float32), np.zeros(9, bool)),  # another vocabulary
+    ):
+        with pytest.raises(ValueError, match=r"Stepper\.step"):
+            stepper().step(logits_, seen_, random)
+    for unread in (
+        logits.astype(np.float16),
+        logits.reshape(-1),
+        logits[:, ::2],
+        np.zeros((4, 2, 8), np.float32),
+    ):
+        assert stepper().step(unread, seen, random) is NotImplemented  # not (heads, vocab) float32 rows
     with pytest.raises(ValueError, match="buffer sizes"):  # 11 of a 10-token vocabulary
         _native.marginals(np.zeros((1, 10), np.float32), 11, 1.0, np.empty(11, np.int64), np.empty(11))
     with pytest.raises(ValueError, match="buffer sizes"):  # no room for the second row's candidates
