@@ -589,12 +589,13 @@ static Py_ssize_t draw_sequential(const double *w, Py_ssize_t n, int greedy, PyO
     return last;
 }
 
-/* Stepper(k, n_used, bounds, pair_indptr, pair_indices, pair_values, triple_indptr,
- *         triple_indices, triple_values, temperature, static_threshold, penalty, otsu, blur, greedy)
- * DynamicSampler.step's weighted path for one sampler and one plan (masks, config, heads, k).
+/* Stepper(k, n_used, pair_indptr, pair_indices, pair_values, triple_indptr, triple_indices,
+ *         triple_values), then .configure(bounds, temperature, static_threshold, penalty, otsu,
+ *         blur, greedy): DynaMo's dynamic step for one sampler, the tables and k x n_used grids.
  * It holds the tables' buffers while it lives and owns its scratch, so that a step hands over
  * only what changes: a step used to acquire twenty buffers and parse twenty-seven arguments,
  * which cost more than the Otsu threshold once a forward pass had left Python's own data cold.
+ * A new configuration keeps the scratch (whose pages are already faulted in).
  *
  * .step(logits, seen, random) -> the tokens to emit as a tuple; None when a head's logits hold
  * a NaN or an infinite maximum; NotImplemented for logits it does not read (get_rows: e.g.
@@ -612,7 +613,7 @@ typedef struct {
     Workspace w;
     Py_ssize_t k, n_used;
     double bounds[MAX_ORDER + 1], temperature, static_threshold, penalty;
-    int otsu, blur, greedy;
+    int otsu, blur, greedy, configured;
     int pairs_valid; /* w.pair_grid holds the pairs of pair_ids */
     int64_t *pair_ids; /* 2 k: heads 1 and 2's candidates */
     void *select;      /* _marginals.c's scratch */
@@ -630,21 +631,18 @@ static void stepper_dealloc(Stepper *self) {
 }
 
 static int stepper_init(Stepper *self, PyObject *args, PyObject *kwargs) {
-    Py_buffer bounds = {0};
     Buffers b;
     memset(&b, 0, sizeof(b));
     Py_ssize_t k, n_used;
     int result = -1;
     if (self->w.rank) return fail("Stepper: already initialised");
     if (kwargs && PyDict_GET_SIZE(kwargs)) return fail("Stepper: positional arguments only");
-    if (!PyArg_ParseTuple(args, "nny*y*y*y*y*y*y*dddiii", &k, &n_used, &bounds, &b.pair_indptr, &b.pair_indices,
-                          &b.pair_values, &b.triple_indptr, &b.triple_indices, &b.triple_values, &self->temperature,
-                          &self->static_threshold, &self->penalty, &self->otsu, &self->blur, &self->greedy))
+    if (!PyArg_ParseTuple(args, "nny*y*y*y*y*y*", &k, &n_used, &b.pair_indptr, &b.pair_indices, &b.pair_values,
+                          &b.triple_indptr, &b.triple_indices, &b.triple_values))
         goto done;
     Py_ssize_t vocab = b.pair_indptr.len / (Py_ssize_t)sizeof(int64_t) - 1;
-    if (n_used < 2 || n_used > MAX_ORDER || k < 1 || k > vocab || !(self->temperature > 0) ||
-        bounds.len != (n_used + 1) * (Py_ssize_t)sizeof(double) || (self->blur != 0 && self->blur != 1 && self->blur != 3)) {
-        fail("Stepper: needs 2 or 3 heads, 1 <= k <= vocab, temperature > 0, bounds for n = 0..n_used, blur 0, 1 or 3");
+    if (n_used < 2 || n_used > MAX_ORDER || k < 1 || k > vocab) {
+        fail("Stepper: needs 2 or 3 heads and 1 <= k <= vocab");
         goto done;
     }
     if (tables_from(&b, vocab, &self->w.pairs, &self->w.triples) < 0) goto done;
@@ -655,7 +653,6 @@ static int stepper_init(Stepper *self, PyObject *args, PyObject *kwargs) {
     Py_ssize_t cells = n_used == 3 ? k * k * k : k * k;
     self->k = k;
     self->n_used = n_used;
-    memcpy(self->bounds, bounds.buf, (size_t)bounds.len);
     self->w.vocab = vocab;
     self->w.capacity = self->w.work_third = self->w.point_third = cells;
     self->w.pair_capacity = k * k;
@@ -678,16 +675,42 @@ static int stepper_init(Stepper *self, PyObject *args, PyObject *kwargs) {
     }
     for (Py_ssize_t v = 0; v < vocab; v++) self->w.rank[v] = -1;
     /* Keep the tables' buffers (and so their arrays) for the stepper's life. */
-    self->held.pair_indptr = b.pair_indptr;
-    self->held.pair_indices = b.pair_indices;
-    self->held.pair_values = b.pair_values;
-    self->held.triple_indptr = b.triple_indptr;
-    self->held.triple_indices = b.triple_indices;
-    self->held.triple_values = b.triple_values;
+    self->held = b;
     memset(&b, 0, sizeof(b));
     result = 0;
 done:
     release(&b);
+    return result;
+}
+
+/* configure(bounds, temperature, static_threshold, penalty, otsu, blur, greedy): the settings
+ * of the steps to come (a Stepper steps only once configured). */
+static PyObject *stepper_configure(Stepper *self, PyObject *args) {
+    Py_buffer bounds = {0};
+    double temperature, static_threshold, penalty;
+    int otsu, blur, greedy;
+    PyObject *result = NULL;
+    if (!self->w.rank) {
+        fail("Stepper: not initialised");
+        return NULL;
+    }
+    if (!PyArg_ParseTuple(args, "y*dddiii", &bounds, &temperature, &static_threshold, &penalty, &otsu, &blur, &greedy))
+        return NULL;
+    if (bounds.len != (self->n_used + 1) * (Py_ssize_t)sizeof(double) || !(temperature > 0) ||
+        (blur != 0 && blur != 1 && blur != 3)) {
+        fail("Stepper.configure: needs bounds for n = 0..n_used, temperature > 0, blur 0, 1 or 3");
+        goto done;
+    }
+    memcpy(self->bounds, bounds.buf, (size_t)bounds.len);
+    self->temperature = temperature;
+    self->static_threshold = static_threshold;
+    self->penalty = penalty;
+    self->otsu = otsu;
+    self->blur = blur;
+    self->greedy = greedy;
+    self->configured = 1;
+    result = Py_NewRef(Py_None);
+done:
     PyBuffer_Release(&bounds);
     return result;
 }
@@ -698,8 +721,8 @@ static PyObject *stepper_step(Stepper *self, PyObject *const *args, Py_ssize_t n
         PyErr_SetString(PyExc_TypeError, "step(logits, seen, random) takes three arguments");
         return NULL;
     }
-    if (!self->w.rank) {
-        fail("Stepper: not initialised");
+    if (!self->configured) {
+        fail("Stepper: not configured");
         return NULL;
     }
     Py_buffer logits = {0}, seen = {0};
@@ -797,6 +820,8 @@ done:
 }
 
 static PyMethodDef stepper_methods[] = {
+    {"configure", (PyCFunction)stepper_configure, METH_VARARGS,
+     "configure(bounds, temperature, static_threshold, penalty, otsu, blur, greedy): the coming steps' settings."},
     {"step", (PyCFunction)(void (*)(void))stepper_step, METH_FASTCALL,
      "step(logits, seen, random) -> tokens, None for unusable logits, NotImplemented for unread ones."},
     {NULL, NULL, 0, NULL},

@@ -24,7 +24,16 @@ import numpy as np
 
 from runtime.config import SamplingConfig
 from runtime.errors import GenerationTimeout
-from runtime.sampling import Draft, DynamicSampler, SeenTokens, draft_tokens, sample_ar, verify_drafts
+from runtime.sampling import (
+    Draft,
+    DynamicSampler,
+    SeenTokens,
+    TokenSet,
+    draft_tokens,
+    sample_ar,
+    tokens_plus,
+    verify_drafts,
+)
 from runtime.session import Deadline, GraphSession
 
 
@@ -104,9 +113,6 @@ class Decoder:
         self.n_heads = session.manifest.model.num_token_heads
         self.generated: list[int] = []
         self.seen = SeenTokens(session.manifest.model.vocab_size)  # the same ids, for the penalty
-        # The same ids as an int64 array for the sampler's repetition penalty (no per-pass list -> array copy).
-        # At most context + n tokens can be generated, whatever max_new_tokens asks for.
-        self._history = np.empty(min(max_new_tokens, self.context_length) + self.n_heads, dtype=np.int64)
         self.next_position = 0  # position of the next fed token (rejected drafts do not count)
         self.to_feed: list[int] = []  # accepted tokens not yet through the graph
         self.draft: Draft | None = None  # verify: drafts for the tokens after to_feed
@@ -169,16 +175,12 @@ class Decoder:
         self.stats.forward_passes += 1
         return logits
 
-    @property
-    def history(self) -> np.ndarray:
-        return self._history[: len(self.generated)]
-
     def _first_choice(self, last: np.ndarray) -> list[int]:
         """The prefill pass's tokens; in verify mode it also drafts the ones after them."""
         if self.config.mode != "verify":
             return self._choose(last)
-        token = sample_ar(last[0], self.history, self.config, self.rng)
-        self.draft = self._draft(last, np.append(self.history, token))
+        token = sample_ar(last[0], self.seen, self.config, self.rng)
+        self.draft = self._draft(last, tokens_plus(self.seen, [token]))
         return [token]
 
     def _choose(self, last: np.ndarray) -> list[int]:
@@ -188,25 +190,25 @@ class Decoder:
         self.stats.backoffs += result.backoffs
         return list(result.tokens)
 
-    def _draft(self, last: np.ndarray, context: np.ndarray) -> Draft | None:
+    def _draft(self, last: np.ndarray, context: TokenSet) -> Draft | None:
         return draft_tokens(last[1:], context, self.config, self.rng) if self.n_heads > 1 else None
 
     def _verify(self, logits: np.ndarray, feed: list[int]) -> list[int]:
         """Check the drafts fed after the last accepted token; mask the slots of rejected ones."""
         draft = self.draft
         if draft is None or not draft.tokens:
-            token = sample_ar(logits[0, -1], self.history, self.config, self.rng)
-            self.draft = self._draft(logits[:, -1], np.append(self.history, token))
+            token = sample_ar(logits[0, -1], self.seen, self.config, self.rng)
+            self.draft = self._draft(logits[:, -1], tokens_plus(self.seen, [token]))
             return [token]
         first = len(feed) - len(draft.tokens) - 1  # row of head 1 that predicts the first draft
-        verdict = verify_drafts(logits[0, first:], draft, self.history, self.config, self.rng)
+        verdict = verify_drafts(logits[0, first:], draft, self.seen, self.config, self.rng)
         self.stats.drafted += len(draft.tokens)
         self.stats.accepted += verdict.accepted
         rejected = len(draft.tokens) - verdict.accepted
         if rejected:
             self.cache.live[-rejected:] = bytes(rejected)
             self.next_position -= rejected
-        self.draft = self._draft(logits[:, first + verdict.accepted], np.append(self.history, verdict.tokens))
+        self.draft = self._draft(logits[:, first + verdict.accepted], tokens_plus(self.seen, verdict.tokens))
         return list(verdict.tokens)
 
     def _accept(self, tokens: list[int]) -> list[int]:
@@ -221,7 +223,6 @@ class Decoder:
             if len(self.generated) + len(kept) >= self.max_new_tokens:
                 self.stats.stop_reason = "max_new_tokens"
                 break
-        self._history[len(self.generated) : len(self.generated) + len(kept)] = kept
         self.generated.extend(kept)
         self.seen.add(kept)
         self.stats.new_tokens = len(self.generated)

@@ -107,9 +107,10 @@ def reads(logits: np.ndarray) -> bool:
 class NativeSampler:
     """The kernel's scratch for one sampler (not thread-safe, like the sampler itself).
 
-    A whole step goes through a `_native.Stepper` built for the last plan (masks, config,
-    heads, k): it holds the tables and its own scratch, so a step passes only the logits,
-    the seen mask and the random source. `joint` alone keeps its scratch here.
+    A whole step goes through a `_native.Stepper` built for the last masks, heads and k and
+    configured for the last config: it holds the tables and its own scratch, so a step
+    passes only the logits, the seen mask and the random source. `joint` alone keeps its
+    scratch here.
     """
 
     def __init__(self) -> None:
@@ -126,24 +127,31 @@ class NativeSampler:
         self._pair_ids = np.empty(0, dtype=np.int64)
         self._pair_shape = (0, 0)
         self._pair_table: np.ndarray | None = None
-        # can_step's last question and its answer: a Stepper for that plan, or None
-        self._plan: tuple = (None, None, 0, 0)
+        # can_step's last question and its answer; the Stepper for (masks, heads, k), which keeps
+        # its scratch when only the config changes, and what it was built for
+        self._plan: tuple = (None, None, 0, 0, False)
         self._stepper = None
+        self._stepper_for: tuple = (None, 0, 0)
 
     def can_step(self, masks, config: SamplingConfig, n_heads: int, k: int) -> bool:
-        """`supports_step`, remembered for the last masks and config (a generation asks every pass)."""
-        last_masks, last_config, last_heads, last_k = self._plan
-        if masks is last_masks and config is last_config and n_heads == last_heads and k == last_k:
-            return self._stepper is not None
-        self._plan, self._stepper = (masks, config, n_heads, k), None
-        if supports_step(masks, config, n_heads, k):
-            # bounds[n] = eps_b ** (n - 1), as the numpy path computes it
-            bounds = np.array([config.eps_b ** (m - 1) if m else 0.0 for m in range(n_heads + 1)])
-            self._stepper = _native.Stepper(
-                k,
-                n_heads,
-                bounds,
-                *masks.csr_tables(),
+        """`supports_step`, remembered for the last masks and config (a generation asks every pass);
+        when it says yes, the Stepper is configured for this config."""
+        last_masks, last_config, last_heads, last_k, answer = self._plan
+        if masks is last_masks and n_heads == last_heads and k == last_k:
+            if config is last_config:
+                return answer
+            if config == last_config:  # an equal config of a new generation: same plan
+                self._plan = (masks, config, n_heads, k, answer)
+                return answer
+        answer = supports_step(masks, config, n_heads, k)
+        if answer:
+            built_masks, built_heads, built_k = self._stepper_for
+            if not (masks is built_masks and n_heads == built_heads and k == built_k):
+                self._stepper = _native.Stepper(k, n_heads, *masks.csr_tables())
+                self._stepper_for = (masks, n_heads, k)
+            self._stepper.configure(
+                # bounds[n] = eps_b ** (n - 1), as the numpy path computes it
+                np.array([config.eps_b ** (m - 1) if m else 0.0 for m in range(n_heads + 1)]),
                 float(config.temperature or 1.0),
                 float(config.static_threshold),
                 float(config.repetition_penalty),
@@ -151,7 +159,8 @@ class NativeSampler:
                 int(config.blur),
                 int(config.greedy),
             )
-        return self._stepper is not None
+        self._plan = (masks, config, n_heads, k, answer)
+        return answer
 
     def joint(
         self,

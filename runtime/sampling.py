@@ -559,8 +559,31 @@ class _SortedTokens:
         return self.ids[found] == ids
 
 
-def _token_set(generated: Sequence[int] | np.ndarray | SeenTokens) -> SeenTokens | _SortedTokens:
-    return generated if isinstance(generated, SeenTokens) else _SortedTokens(generated)
+class ExtendedTokens:
+    """A token set and a few more ids (drafts not yet accepted) as one set, without copying it."""
+
+    def __init__(self, base: SeenTokens | _SortedTokens | ExtendedTokens, extra: Sequence[int]) -> None:
+        self.base = base
+        self.extra = tuple(int(t) for t in extra)
+        self.any = base.any or bool(self.extra)
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        found = self.base.contains(ids)
+        for token in self.extra:
+            found = found | (ids == token)
+        return found
+
+
+TokenSet = SeenTokens | _SortedTokens | ExtendedTokens
+
+
+def tokens_plus(generated: Sequence[int] | np.ndarray | TokenSet, extra: Sequence[int]) -> ExtendedTokens:
+    """`generated` and the ids in `extra`, as a set the sampler takes wherever it takes `generated`."""
+    return ExtendedTokens(_token_set(generated), extra)
+
+
+def _token_set(generated: Sequence[int] | np.ndarray | TokenSet) -> TokenSet:
+    return generated if isinstance(generated, (SeenTokens, ExtendedTokens)) else _SortedTokens(generated)
 
 
 def _draw(weights: np.ndarray, greedy: bool, rng: np.random.Generator) -> int:
@@ -684,15 +707,14 @@ def draft_tokens(
     """One draft per row of `head_logits` (heads 2..n at one position), each drawn from its head's
     `ar_distribution` with the earlier drafts counted as generated; greedy drafts take the argmax."""
     head_logits = _check_logits(head_logits)
-    context = list(np.asarray(generated, dtype=np.int64).tolist())
+    context = _token_set(generated)
     tokens, dists = [], []
     # Every head's top-k in one call: the penalty, which depends on the earlier drafts, comes after.
     for top in heads_topk(head_logits, config.top_k, config.temperature or 1.0):
-        dist = _normalised(top, context, config)
+        dist = _normalised(top, ExtendedTokens(context, tokens), config)
         token = int(dist.ids[_draw(dist.probs, config.greedy, rng)])
         tokens.append(token)
         dists.append(dist)
-        context.append(token)
     return Draft(tuple(tokens), tuple(dists))
 
 
@@ -718,12 +740,13 @@ def verify_drafts(
             f"{m} drafts need {m + 1} rows of head-1 logits and {m} draft distributions, "
             f"got {head1_logits.shape[0]} rows and {len(draft.dists)} distributions"
         )
-    context = list(np.asarray(generated, dtype=np.int64).tolist())
+    generated = _token_set(generated)
     # Head 1's top-k at every fed position in one call (what `sample_ar` would compute row by row).
     tops = heads_topk(head1_logits, config.top_k, config.temperature or 1.0)
     for j, (token, q) in enumerate(zip(draft.tokens, draft.dists, strict=True)):
+        context = ExtendedTokens(generated, draft.tokens[:j])
         if config.greedy:
-            target = _draw_head1(tops[j], _token_set(context), config, rng)
+            target = _draw_head1(tops[j], context, config, rng)
             if target != token:
                 return Verified((*draft.tokens[:j], target), j)
         else:
@@ -732,9 +755,8 @@ def verify_drafts(
             if q_x <= 0:
                 raise SamplingError(f"draft token {token} has probability 0 under its own draft distribution")
             if rng.random() >= _prob(p, token) / q_x:
-                return Verified((*draft.tokens[:j], _draw_residual(p, q, head1_logits.shape[1], rng)), j)
-        context.append(token)
-    bonus = _draw_head1(tops[m], _token_set(context), config, rng)
+                return Verified((*draft.tokens[:j], _draw_residual(p, q, rng)), j)
+    bonus = _draw_head1(tops[m], ExtendedTokens(generated, draft.tokens), config, rng)
     return Verified((*draft.tokens, bonus), m)
 
 
@@ -743,16 +765,20 @@ def _prob(dist: TopK, token: int) -> float:
     return float(dist.probs[hit[0]]) if hit.size else 0.0
 
 
-def _draw_residual(p: TopK, q: TopK, vocab: int, rng: np.random.Generator) -> int:
+def _draw_residual(p: TopK, q: TopK, rng: np.random.Generator) -> int:
     """A token from norm(max(0, p - q)), one rng.random(), over token ids in ascending order.
 
     If rounding leaves no residual mass (p <= q everywhere, where rejection has probability 0),
-    draw from p, the residual's limit.
+    draw from p, the residual's limit. Outside p's candidates the residual is 0, and zeros
+    change neither a running sum nor the first entry above a target: the draw over p's
+    candidates, in ascending id order, picks the token the whole vocabulary would.
     """
-    residual = np.zeros(vocab)
-    residual[p.ids] = p.probs
-    residual[q.ids] -= q.probs
-    np.maximum(residual, 0.0, out=residual)
+    order = np.argsort(p.ids)
+    ids, p_probs = p.ids[order], p.probs[order]
+    q_order = np.argsort(q.ids)
+    at = q_order[np.minimum(np.searchsorted(q.ids, ids, sorter=q_order), q.ids.size - 1)]
+    q_probs = np.where(q.ids[at] == ids, q.probs[at], 0.0)  # q at p's candidates, 0 off q's
+    residual = np.maximum(p_probs - q_probs, 0.0)
     if not residual.any():
-        residual[p.ids] = p.probs
-    return _draw(residual, False, rng)
+        residual = p_probs
+    return int(ids[_draw(residual, False, rng)])

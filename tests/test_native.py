@@ -224,9 +224,10 @@ def test_kernel_rejects_buffers_that_do_not_fit():
     tables = [pair_indptr, empty_i, empty_f, np.zeros(1, np.int64), empty_i, empty_f]
     one_pair = np.array([0, 1, 1, 1, 1, 1, 1, 1, 1], np.int64)  # token 0 -> 1, and no triples
 
-    def stepper(k=2, heads=2, bounds=None, tables=tables, blur=3):
-        bounds = np.zeros(heads + 1) if bounds is None else bounds
-        return _native.Stepper(k, heads, bounds, *tables, 1.0, 0.0, 1.1, 1, blur, 0)
+    def stepper(k=2, heads=2, tables=tables, bounds=None, blur=3):
+        built = _native.Stepper(k, heads, *tables)
+        built.configure(np.zeros(heads + 1) if bounds is None else bounds, 1.0, 0.0, 1.1, 1, blur, 0)
+        return built
 
     logits, seen, random = np.zeros((2, 8), np.float32), np.zeros(8, bool), np.random.default_rng(0).random
     assert len(stepper().step(logits, seen, random)) == 1  # nothing stored: head 1 alone
@@ -238,8 +239,8 @@ def test_kernel_rejects_buffers_that_do_not_fit():
             "triple table",
         ),
         ({"heads": 4}, "2 or 3 heads"),
-        ({"heads": 2, "bounds": np.zeros(4)}, "bounds"),
         ({"bounds": np.zeros(2)}, "bounds"),  # none for n = 2
+        ({"heads": 2, "bounds": np.zeros(4)}, "bounds"),
         ({"blur": 5}, "blur"),
         (
             {"tables": [pair_indptr, np.zeros(1, np.int32), *tables[2:]]},
@@ -248,6 +249,8 @@ def test_kernel_rejects_buffers_that_do_not_fit():
     ):
         with pytest.raises(ValueError, match=message):
             stepper(**wrong)
+    with pytest.raises(ValueError, match="not configured"):
+        _native.Stepper(2, 2, *tables).step(logits, seen, random)
     for logits_, seen_ in (
         (logits, np.zeros(7, bool)),  # the generated-token mask does not cover the vocabulary
         (logits[:1], seen),  # fewer rows than heads

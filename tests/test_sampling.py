@@ -22,10 +22,12 @@ from runtime.sampling import (
     DynamicSampler,
     TopK,
     _blur3_twice,
+    _draw_residual,
     ar_distribution,
     draft_tokens,
     head_topk,
     sample_ar,
+    tokens_plus,
     verify_drafts,
 )
 from tests.sampling_definitions import DenseMasks, csr_masks, outer, random_masks, whole_grid_joint
@@ -520,6 +522,45 @@ def test_greedy_verify_equals_greedy_ar():
         out.extend(result.tokens)
     assert out[:65] == ar
     assert accepted > 0
+
+
+def dense_residual_draw(p: TopK, q: TopK, vocab: int, u: float) -> int:
+    """norm(max(0, p - q)) over the whole vocabulary, drawn by one running sum in id order."""
+    residual = np.zeros(vocab)
+    residual[p.ids] = p.probs
+    residual[q.ids] -= q.probs
+    residual = np.maximum(residual, 0.0)
+    if not residual.any():
+        residual[p.ids] = p.probs
+    cdf = np.cumsum(residual)
+    above = np.flatnonzero(cdf > u * cdf[-1])
+    return int(above[0]) if above.size else int(np.flatnonzero(residual > 0)[-1])
+
+
+def test_residual_draw_over_p_candidates_equals_the_whole_vocabulary():
+    rng = np.random.default_rng(4)
+    vocab = 40
+    for case in range(600):
+        k_p, k_q = rng.integers(1, 12, size=2)
+        p_ids = rng.choice(vocab, size=k_p, replace=False)
+        p_probs = rng.dirichlet(np.ones(k_p))
+        if case % 3:  # different candidates
+            q_ids, q_probs = rng.choice(vocab, size=k_q, replace=False), rng.dirichlet(np.ones(k_q))
+        else:  # the same candidates; every sixth case the same probabilities too (no residual)
+            q_ids, q_probs = p_ids.copy(), p_probs.copy() if case % 2 else rng.dirichlet(np.ones(k_p))
+        p, q = TopK(p_ids, p_probs), TopK(q_ids, q_probs)
+        seed = int(rng.integers(1 << 30))
+        u = np.random.default_rng(seed).random()
+        assert _draw_residual(p, q, np.random.default_rng(seed)) == dense_residual_draw(p, q, vocab, u)
+
+
+def test_token_set_plus_drafts_is_the_union():
+    base = np.array([3, 9, 9, 1])
+    extended = tokens_plus(base, [5, 3])
+    ids = np.arange(12)
+    np.testing.assert_array_equal(extended.contains(ids), np.isin(ids, [1, 3, 5, 9]))
+    assert tokens_plus([], []).any is False and tokens_plus([], [2]).any is True
+    np.testing.assert_array_equal(tokens_plus(extended, [11]).contains(ids), np.isin(ids, [1, 3, 5, 9, 11]))
 
 
 def test_verify_rejects_inconsistent_inputs():
