@@ -33,13 +33,24 @@
 #define PREFETCH_AHEAD 16 /* rows ahead to prefetch in the triple table */
 #define PAIR_ROWS_AHEAD 4 /* rows ahead to prefetch in the pair table */
 
+/* A CSR table. Its column indices are uint16 where the vocabulary allows (runtime/native.py
+ * narrows them): half the bytes to scan, and a row of a dozen entries then fits one cache line. */
 typedef struct {
     const int64_t *indptr; /* rows + 1 */
-    const int32_t *indices;
+    const void *indices;   /* nnz, int32 or (narrow) uint16 */
     const float *values;
     Py_ssize_t rows;
     Py_ssize_t nnz;
+    int narrow;
 } Table;
+
+static inline int64_t column(const Table *t, int64_t e, const int narrow) {
+    return narrow ? ((const uint16_t *)t->indices)[e] : ((const int32_t *)t->indices)[e];
+}
+
+static inline const void *column_address(const Table *t, int64_t e) {
+    return (const char *)t->indices + e * (t->narrow ? (int64_t)sizeof(uint16_t) : (int64_t)sizeof(int32_t));
+}
 
 /* The candidate tokens of one grid axis: a bitmap to test membership while scanning a row
  * (a vocabulary's worth of int32 ranks would not stay in L1 beside the row) and the rank of
@@ -63,13 +74,14 @@ static void set_candidates(Candidates *c, const int64_t *ids, Py_ssize_t k, int 
  * keeps it all -1 between rows; base is k slots of scratch. Each found entry's value, and its
  * slot in next_rows (the next table's row bounds) unless NULL, are prefetched: the caller reads
  * them after the whole grid is found, and by then the misses have overlapped. */
-static Py_ssize_t row_entries(const Table *t, int64_t row, const int64_t *cols, Py_ssize_t k, const Candidates *cand,
-                              int64_t *entry, Py_ssize_t *found, int64_t *base, const int64_t *next_rows) {
+static inline __attribute__((always_inline)) Py_ssize_t
+row_entries_of(const Table *t, int64_t row, const int64_t *cols, Py_ssize_t k, const Candidates *cand, int64_t *entry,
+               Py_ssize_t *found, int64_t *base, const int64_t *next_rows, const int narrow) {
     int64_t start = t->indptr[row], end = t->indptr[row + 1];
     Py_ssize_t count = 0;
     if (end - start <= SCAN_ROW_FACTOR * k) {
         for (int64_t e = start; e < end; e++) {
-            uint32_t token = (uint32_t)t->indices[e];
+            uint32_t token = (uint32_t)column(t, e, narrow);
             if (!((cand->bits[token >> 6] >> (token & 63)) & 1)) continue;
             int32_t j = cand->rank[token];
             entry[j] = e;
@@ -88,12 +100,13 @@ static Py_ssize_t row_entries(const Table *t, int64_t row, const int64_t *cols, 
         for (Py_ssize_t j = 0; j < k; j++) base[j] = start;
         for (int64_t n = end - start; n > 1; n -= n / 2) {
             int64_t half = n / 2;
-            for (Py_ssize_t j = 0; j < k; j++) base[j] = t->indices[base[j] + half] < cols[j] ? base[j] + half : base[j];
+            for (Py_ssize_t j = 0; j < k; j++)
+                base[j] = column(t, base[j] + half, narrow) < cols[j] ? base[j] + half : base[j];
         }
         for (Py_ssize_t j = 0; j < k; j++) {
-            int64_t e = base[j] + (t->indices[base[j]] < cols[j]);
+            int64_t e = base[j] + (column(t, base[j], narrow) < cols[j]);
             entry[j] = -1;
-            if (e < end && t->indices[e] == cols[j]) {
+            if (e < end && column(t, e, narrow) == cols[j]) {
                 entry[j] = e;
                 __builtin_prefetch(&t->values[e]);
                 if (next_rows) __builtin_prefetch(&next_rows[e]);
@@ -102,6 +115,13 @@ static Py_ssize_t row_entries(const Table *t, int64_t row, const int64_t *cols, 
         }
     }
     return count;
+}
+
+/* row_entries_of, compiled once per index width. */
+static Py_ssize_t row_entries(const Table *t, int64_t row, const int64_t *cols, Py_ssize_t k, const Candidates *cand,
+                              int64_t *entry, Py_ssize_t *found, int64_t *base, const int64_t *next_rows) {
+    return t->narrow ? row_entries_of(t, row, cols, k, cand, entry, found, base, next_rows, 1)
+                     : row_entries_of(t, row, cols, k, cand, entry, found, base, next_rows, 0);
 }
 
 /* A cell of the (padded, three-axis) grid with its coordinates: the blur's passes need both,
@@ -185,21 +205,29 @@ typedef struct {
     Py_ssize_t capacity, pair_capacity;
 } Workspace;
 
+/* One CSR table from its three buffers; -1 when their sizes disagree. */
+static int table_from(const Py_buffer *indptr, const Py_buffer *indices, const Py_buffer *values, Table *t) {
+    t->indptr = indptr->buf;
+    t->indices = indices->buf;
+    t->values = values->buf;
+    t->rows = indptr->len / (Py_ssize_t)sizeof(int64_t) - 1;
+    t->nnz = values->len / (Py_ssize_t)sizeof(float);
+    t->narrow = t->nnz > 0 && indices->len == t->nnz * (Py_ssize_t)sizeof(uint16_t);
+    if (t->rows < 0 || values->len % sizeof(float) ||
+        indices->len != t->nnz * (Py_ssize_t)(t->narrow ? sizeof(uint16_t) : sizeof(int32_t)) || t->indptr[0] != 0 ||
+        t->indptr[t->rows] != t->nnz)
+        return -1;
+    return 0;
+}
+
 /* The CSR tables in `b` as Tables (pairs: one row per token; triples: one row per pair entry,
  * or absent when its indptr is the single 0 of an empty table); -1 with a ValueError when their
- * sizes disagree. */
+ * sizes disagree. Column indices are int32, or uint16 when the buffer holds 2 bytes per entry;
+ * every index must be below the vocabulary (runtime/cooccurrence.py checks on load). */
 static int tables_from(const Buffers *b, Py_ssize_t vocab, Table *pairs, Table *triples) {
-    *pairs = (Table){b->pair_indptr.buf, b->pair_indices.buf, b->pair_values.buf,
-                     b->pair_indptr.len / (Py_ssize_t)sizeof(int64_t) - 1,
-                     b->pair_indices.len / (Py_ssize_t)sizeof(int32_t)};
-    *triples = (Table){b->triple_indptr.buf, b->triple_indices.buf, b->triple_values.buf,
-                       b->triple_indptr.len / (Py_ssize_t)sizeof(int64_t) - 1,
-                       b->triple_indices.len / (Py_ssize_t)sizeof(int32_t)};
-    if (pairs->rows != vocab || b->pair_values.len != pairs->nnz * (Py_ssize_t)sizeof(float) ||
-        pairs->indptr[0] != 0 || pairs->indptr[pairs->rows] != pairs->nnz ||
-        (triples->rows != 0 && triples->rows != pairs->nnz) || triples->rows < 0 ||
-        b->triple_values.len != triples->nnz * (Py_ssize_t)sizeof(float) || triples->indptr[0] != 0 ||
-        triples->indptr[triples->rows] != triples->nnz)
+    if (table_from(&b->pair_indptr, &b->pair_indices, &b->pair_values, pairs) < 0 ||
+        table_from(&b->triple_indptr, &b->triple_indices, &b->triple_values, triples) < 0 || pairs->rows != vocab ||
+        (triples->rows != 0 && triples->rows != pairs->nnz))
         return fail("the co-occurrence tables' sizes do not agree with each other and the vocabulary");
     return 0;
 }
@@ -255,7 +283,7 @@ static Py_ssize_t joint_core(const Workspace *w, int ndim, const Py_ssize_t *sha
          * them all at once, then each row's entries a few rows ahead. */
         for (Py_ssize_t i = 0; i < k1; i++) __builtin_prefetch(&pairs.indptr[ids[0][i]]);
         for (Py_ssize_t i = 0; i < k1; i++) {
-            if (i + PAIR_ROWS_AHEAD < k1) __builtin_prefetch(&pairs.indices[pairs.indptr[ids[0][i + PAIR_ROWS_AHEAD]]]);
+            if (i + PAIR_ROWS_AHEAD < k1) __builtin_prefetch(column_address(&pairs, pairs.indptr[ids[0][i + PAIR_ROWS_AHEAD]]));
             row_entries(&pairs, ids[0][i], ids[1], k2, &cand, pair_entry + i * k2, found, base,
                         ndim == 3 ? triples.indptr : NULL);
         }
@@ -294,7 +322,7 @@ static Py_ssize_t joint_core(const Workspace *w, int ndim, const Py_ssize_t *sha
         }
         set_candidates(&cand, ids[2], k3, 1);
         for (Py_ssize_t i = 0; i < n_live; i++) {
-            if (i + PREFETCH_AHEAD < n_live) __builtin_prefetch(&triples.indices[row_start[i + PREFETCH_AHEAD]]);
+            if (i + PREFETCH_AHEAD < n_live) __builtin_prefetch(column_address(&triples, row_start[i + PREFETCH_AHEAD]));
             if (row_start[i] == row_end[i]) continue;
             Py_ssize_t c = live[i];
             Py_ssize_t n_found = row_entries(&triples, pair_entry[c], ids[2], k3, &cand, entry, found, base, NULL);

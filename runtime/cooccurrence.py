@@ -517,14 +517,22 @@ class CooccurrenceMask:
         return cells[order], values[order]
 
     def csr_tables(self) -> CsrTables:
-        """The CSR arrays behind the lookups, as the compiled sampler reads them (built once: it asks every pass)."""
+        """The CSR arrays behind the lookups, as the compiled sampler reads them (built once: it asks
+        every pass). Column indices are narrowed to uint16 where the vocabulary fits (Pythia's 50k
+        does): the kernel scans ~35k of them a step, and half the bytes is a third fewer cache misses.
+        """
         if self._csr_tables is None:
+            narrow = np.uint16 if self.vocab_size <= 1 << 16 else INDEX_DTYPE
             if 3 in self.orders:
-                triples = (self._triples.indptr, self._triples.indices, self._triples.values[:-1])
+                triples = (
+                    self._triples.indptr,
+                    self._triples.indices.astype(narrow),
+                    self._triples.values[:-1],
+                )
             else:
-                triples = (np.zeros(1, dtype=np.int64), np.empty(0, INDEX_DTYPE), np.empty(0, VALUE_DTYPE))
+                triples = (np.zeros(1, dtype=np.int64), np.empty(0, narrow), np.empty(0, VALUE_DTYPE))
             self._csr_tables = CsrTables(
-                self._pairs.indptr, self._pairs.indices, self._pairs.values[:-1], *triples
+                self._pairs.indptr, self._pairs.indices.astype(narrow), self._pairs.values[:-1], *triples
             )
         return self._csr_tables
 

@@ -45,10 +45,10 @@ class CsrTables(NamedTuple):
     """The co-occurrence CSR arrays the kernel reads (pair rows = tokens, triple rows = pair entries)."""
 
     pair_indptr: np.ndarray  # (V + 1,) int64
-    pair_indices: np.ndarray  # (P,) int32
+    pair_indices: np.ndarray  # (P,) uint16 where the vocabulary fits, else int32
     pair_values: np.ndarray  # (P,) float32
     triple_indptr: np.ndarray  # (P + 1,) int64, or (1,) without triples
-    triple_indices: np.ndarray  # (T,) int32
+    triple_indices: np.ndarray  # (T,) as pair_indices
     triple_values: np.ndarray  # (T,) float32
 
 

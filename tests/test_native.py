@@ -3,6 +3,8 @@ the whole-grid definition, bit for bit, and against the plain reference within i
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -71,10 +73,24 @@ def test_kernel_does_not_reuse_pairs_across_masks(masks):
         )
 
 
+def with_wide_indices(mask):
+    """The mask with int32 column indices in its kernel tables, as a vocabulary over 65536 has."""
+    tables = mask.csr_tables()
+    assert tables.pair_indices.dtype == np.uint16 and tables.triple_indices.dtype == np.uint16
+    wide = copy.copy(mask)
+    wide._csr_tables = tables._replace(
+        pair_indices=tables.pair_indices.astype(np.int32), triple_indices=tables.triple_indices.astype(np.int32)
+    )
+    return wide
+
+
 @pytest.mark.parametrize("eps_b", [0.0, 0.05, 0.3, 0.6, 1.0])
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
-def test_kernel_steps_equal_numpy_steps(masks, eps_b, temperature):
+@pytest.mark.parametrize("indices", ["uint16", "int32"])
+def test_kernel_steps_equal_numpy_steps(masks, eps_b, temperature, indices):
     """Same tokens, same back-offs, same random numbers consumed, over a run of steps."""
+    if indices == "int32":
+        masks = [(vocab, with_wide_indices(mask)) for vocab, mask in masks]
     rng = np.random.default_rng(int(eps_b * 100) + int(temperature * 10))
     config = SamplingConfig(eps_b=eps_b, temperature=temperature)
     compiled, plain = DynamicSampler(), DynamicSampler(use_native=False)
