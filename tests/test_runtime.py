@@ -23,6 +23,7 @@ from runtime import (
     ProviderError,
     SamplingConfig,
 )
+from runtime.session import GraphSession
 
 GREEDY = SamplingConfig(mode="ar", temperature=0.0, repetition_penalty=1.0, adaptive=False, blur=0)
 PROMPT = "def load(path):"
@@ -185,6 +186,35 @@ def test_cuda_where_unavailable_names_the_fix(artifacts):
     with pytest.raises(ProviderError, match="onnxruntime-gpu"):
         DynaMoRuntime.load(artifacts / "t3-onnx", provider="cuda")
     assert DynaMoRuntime.load(artifacts / "t3-onnx", provider="auto").provider == "cpu"
+
+
+def test_io_binding_path_equals_the_plain_one(artifacts):
+    """CUDA's code path (the cache in ORT's own buffers, bound to the next pass) run on the CPU
+    provider: the same logits pass after pass, a masked slot included, and the same tokens in
+    every mode, rejected verify drafts included."""
+    plain = DynaMoRuntime.load(artifacts / "t3-onnx")
+    bound = DynaMoRuntime.load(artifacts / "t3-onnx")
+    bound.session = GraphSession(str(bound.root / bound.manifest.graph.file), bound.manifest, io_binding=True)
+    assert bound.session.io_binding and not plain.session.io_binding
+    caches = plain.session.empty_cache(), bound.session.empty_cache()
+    position = 0
+    for feed in ([5, 17, 42], [7, 9], [11]):
+        positions = list(range(position, position + len(feed)))
+        a, b = (rt.session.forward(cache, feed, positions) for rt, cache in zip((plain, bound), caches, strict=True))
+        np.testing.assert_array_equal(a, b)
+        position += len(feed)
+        if len(feed) == 2:  # a rejected draft: its slot is masked, the next token takes its position
+            for cache in caches:
+                cache.live[-1:] = bytes(1)
+            position -= 1
+    rejected = 0
+    for config in (GREEDY, SamplingConfig(mode="dynamic"), SamplingConfig(mode="verify")):
+        for seed in range(2):
+            expected = plain.generate(PROMPT, 24, config=config, seed=seed)
+            result = bound.generate(PROMPT, 24, config=config, seed=seed)
+            assert result.token_ids == expected.token_ids
+            rejected += result.stats.drafted - result.stats.accepted
+    assert rejected > 0, "verify should have rejected drafts"
 
 
 def test_artifact_whose_files_fail_their_hashes_is_refused(artifacts, tmp_path):
