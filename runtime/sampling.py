@@ -741,22 +741,29 @@ def verify_drafts(
             f"got {head1_logits.shape[0]} rows and {len(draft.dists)} distributions"
         )
     generated = _token_set(generated)
-    # Head 1's top-k at every fed position in one call (what `sample_ar` would compute row by row).
-    tops = heads_topk(head1_logits, config.top_k, config.temperature or 1.0)
+    temperature = config.temperature or 1.0
     for j, (token, q) in enumerate(zip(draft.tokens, draft.dists, strict=True)):
+        # Head 1's top-k at a fed position only once the drafts before it passed: most passes
+        # reject the first draft, and each row costs as much as the whole rest of the check.
+        top = head_topk(head1_logits[j], config.top_k, temperature)
         context = ExtendedTokens(generated, draft.tokens[:j])
         if config.greedy:
-            target = _draw_head1(tops[j], context, config, rng)
+            target = _draw_head1(top, context, config, rng)
             if target != token:
                 return Verified((*draft.tokens[:j], target), j)
         else:
-            p = _normalised(tops[j], context, config)
+            p = _normalised(top, context, config)
             q_x = _prob(q, token)
             if q_x <= 0:
                 raise SamplingError(f"draft token {token} has probability 0 under its own draft distribution")
             if rng.random() >= _prob(p, token) / q_x:
                 return Verified((*draft.tokens[:j], _draw_residual(p, q, rng)), j)
-    bonus = _draw_head1(tops[m], ExtendedTokens(generated, draft.tokens), config, rng)
+    bonus = _draw_head1(
+        head_topk(head1_logits[m], config.top_k, temperature),
+        ExtendedTokens(generated, draft.tokens),
+        config,
+        rng,
+    )
     return Verified((*draft.tokens, bonus), m)
 
 
