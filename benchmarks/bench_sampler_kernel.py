@@ -11,7 +11,7 @@ Two measurements, each min/median over rounds:
    runtime issue's budget is 0.15) for ar, dynamic and verify, with the kernel on,
    and off (a child process with DYNAMO_NATIVE=0).
 
-    python -m benchmarks.bench_sampler_kernel [--artifact out/reference-t3-onnx] [--rounds 5]
+    python -m benchmarks.bench_sampler_kernel [--artifact out/reference-t3-onnx] [--rounds 5] [--threads 1]
 """
 
 from __future__ import annotations
@@ -85,9 +85,9 @@ def replay(calls, masks, rounds: int) -> None:
         print(f"  {'cold' if cold else 'warm'}: {cells}  ->  {ratio:.2f}x")
 
 
-def live_shares(artifact: str, rounds: int, max_new_tokens: int) -> dict:
+def live_shares(artifact: str, rounds: int, max_new_tokens: int, threads: int) -> dict:
     """{mode: [share per round]} plus per-pass milliseconds, in this process."""
-    rt = DynaMoRuntime.load(artifact, provider="cpu", threads=1)
+    rt = DynaMoRuntime.load(artifact, provider="cpu", threads=threads or None)
     result = {}
     for mode in ("ar", "dynamic", "verify"):
         rounds_out = []
@@ -108,10 +108,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--artifact", default="out/reference-t3-onnx")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="ONNX Runtime threads for the live runs (0: its default, all cores)"
+    )
     parser.add_argument("--live-only", action="store_true", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args(argv)
     if args.live_only:
-        print(json.dumps(live_shares(args.artifact, args.rounds, args.max_new_tokens)))
+        print(json.dumps(live_shares(args.artifact, args.rounds, args.max_new_tokens, args.threads)))
         return
     if not native.AVAILABLE:
         sys.exit("the compiled kernel is not built (or DYNAMO_NATIVE=0): nothing to compare")
@@ -119,9 +122,11 @@ def main(argv: list[str] | None = None) -> None:
     rt = DynaMoRuntime.load(args.artifact, provider="cpu", threads=1)
     replay(record_steps(rt, args.max_new_tokens), rt.masks, args.rounds)
 
-    print("\nlive generation, 1 ONNX Runtime thread: sampling / ORT time per pass, min / median of rounds")
+    threads = f"{args.threads} ONNX Runtime thread(s)" if args.threads else "ONNX Runtime's default threads"
+    print(f"\nlive generation, {threads}: sampling / ORT time per pass, min / median of rounds")
     child = [sys.executable, "-m", "benchmarks.bench_sampler_kernel", "--live-only", "--artifact", args.artifact,
-             "--rounds", str(args.rounds), "--max-new-tokens", str(args.max_new_tokens)]  # fmt: skip
+             "--rounds", str(args.rounds), "--max-new-tokens", str(args.max_new_tokens),
+             "--threads", str(args.threads)]  # fmt: skip
     runs = {}
     for name, env in (("kernel", {}), ("numpy", {"DYNAMO_NATIVE": "0"})):
         done = subprocess.run(child, env={**os.environ, **env}, capture_output=True, text=True, check=True)
