@@ -71,7 +71,7 @@ static void set_candidates(Candidates *c, const int64_t *ids, Py_ssize_t k, int 
 /* For row `row`: the positions j of cols stored in it, ascending, into found (their count is
  * returned) and entry[j] = their entry ids; `cand` holds cols. Short rows are scanned, long ones
  * binary-searched; entry[] is only written at the found positions, so a caller that resets those
- * keeps it all -1 between rows; base is k slots of scratch. Each found entry's value, and its
+ * keeps it all -1 between rows; base is k + 1 slots of scratch. Each found entry's value, and its
  * slot in next_rows (the next table's row bounds) unless NULL, are prefetched: the caller reads
  * them after the whole grid is found, and by then the misses have overlapped. */
 static inline __attribute__((always_inline)) Py_ssize_t
@@ -80,10 +80,18 @@ row_entries_of(const Table *t, int64_t row, const int64_t *cols, Py_ssize_t k, c
     int64_t start = t->indptr[row], end = t->indptr[row + 1];
     Py_ssize_t count = 0;
     if (end - start <= SCAN_ROW_FACTOR * k) {
+        /* Branch-free: every entry is written to the hit list in base, which grows only for
+         * hits (a row holds a token once: at most k of them, k + 1 slots). A branch per entry,
+         * mispredicted on the ~10% that hit, cost more than the scan itself. */
+        Py_ssize_t hits = 0;
         for (int64_t e = start; e < end; e++) {
             uint32_t token = (uint32_t)column(t, e, narrow);
-            if (!((cand->bits[token >> 6] >> (token & 63)) & 1)) continue;
-            int32_t j = cand->rank[token];
+            base[hits] = e;
+            hits += (Py_ssize_t)((cand->bits[token >> 6] >> (token & 63)) & 1);
+        }
+        for (Py_ssize_t h = 0; h < hits; h++) {
+            int64_t e = base[h];
+            int32_t j = cand->rank[column(t, e, narrow)];
             entry[j] = e;
             __builtin_prefetch(&t->values[e]);
             if (next_rows) __builtin_prefetch(&next_rows[e]);
@@ -265,14 +273,14 @@ static Py_ssize_t joint_core(const Workspace *w, int ndim, const Py_ssize_t *sha
     Py_ssize_t k1 = shape[0], k2 = shape[1], pair_cells = k1 * k2;
     Py_ssize_t klast = shape[ndim - 1];
     Py_ssize_t kmax = k2 > klast ? k2 : klast;
-    part = PyMem_Calloc((size_t)(3 * kmax + vocab / 64 + 1), sizeof(int64_t));
+    part = PyMem_Calloc((size_t)(3 * kmax + 1 + vocab / 64 + 1), sizeof(int64_t));
     if (!part) {
         PyErr_NoMemory();
         goto done;
     }
-    Candidates cand = {(uint64_t *)part + 3 * kmax, rank};
-    int64_t *pair_entry = w->pair_grid, *entry = part, *base = entry + kmax;
-    Py_ssize_t *found = (Py_ssize_t *)(base + kmax);
+    Candidates cand = {(uint64_t *)part + 3 * kmax + 1, rank};
+    int64_t *pair_entry = w->pair_grid, *entry = part, *base = entry + kmax; /* base: kmax + 1 slots */
+    Py_ssize_t *found = (Py_ssize_t *)(base + kmax + 1);
 
     /* Pair entry of every (i, j) cell, -1 where the pair is not stored; a step that backs off
      * from three tokens to two asks for the same pairs again, and gets the last grid. */
