@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -42,9 +43,12 @@ def main() -> int:
     if code:
         return code
     rt = DynaMoRuntime.load(OUT, provider="cpu")
-    rt.generate(PROMPTS[0], 8, seed=0)  # warm-up: ORT allocates its arenas on the first passes
+    print(f"\nONNX Runtime on its default threads ({os.cpu_count()} CPUs here), each mode after one untimed call;")
+    print("docs/bench-reference.md is the full benchmark (1 thread, 20 prompts x 3 seeds, 5 rounds).")
     print(f"\n{'mode':<20} {'tokens/pass':>11} {'tokens/s':>9} {'decode tok/s':>12} {'sampling/ORT':>12}")
     for name, config in MODES:
+        # warm-up: ORT's arenas, the sampler's first steps and Python's specialised bytecode
+        rt.generate(PROMPTS[0], 16, config, seed=0)
         passes = tokens = seconds = decode_tokens = decode_s = ort = sampling = 0.0
         samples = []
         for i, prompt in enumerate(PROMPTS):
