@@ -69,7 +69,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 from scipy.ndimage import correlate1d
@@ -109,8 +109,9 @@ class TopK:
     probs: np.ndarray  # (k,) float64
 
 
-@dataclass(frozen=True)
-class StepResult:
+class StepResult(NamedTuple):
+    """A step's outcome (a named tuple: made every pass, and cheaper to make than a dataclass)."""
+
     tokens: tuple[int, ...]  # 1..n tokens to emit, in order
     backoffs: int  # times n was lowered before emitting (n_heads - len(tokens))
 
