@@ -33,7 +33,7 @@
 #define PREFETCH_AHEAD 16 /* rows ahead to prefetch in the triple table */
 #define PAIR_ROWS_AHEAD 4 /* rows ahead to prefetch in the pair table */
 
-/* A CSR table. Its column indices are uint16 where the vocabulary allows (runtime/native.py
+/* A CSR table. Its column indices are uint16 where the vocabulary allows (runtime/cooccurrence.py
  * narrows them): half the bytes to scan, and a row of a dozen entries then fits one cache line. */
 typedef struct {
     const int64_t *indptr; /* rows + 1 */
@@ -231,7 +231,9 @@ static int table_from(const Py_buffer *indptr, const Py_buffer *indices, const P
 /* The CSR tables in `b` as Tables (pairs: one row per token; triples: one row per pair entry,
  * or absent when its indptr is the single 0 of an empty table); -1 with a ValueError when their
  * sizes disagree. Column indices are int32, or uint16 when the buffer holds 2 bytes per entry;
- * every index must be below the vocabulary (runtime/cooccurrence.py checks on load). */
+ * every index must be below the vocabulary and a row's indices strictly ascending (the scans'
+ * hit lists hold k + 1 entries): runtime/cooccurrence.py checks both on load, once, where a
+ * check here would cost every call a pass over a million entries. */
 static int tables_from(const Buffers *b, Py_ssize_t vocab, Table *pairs, Table *triples) {
     if (table_from(&b->pair_indptr, &b->pair_indices, &b->pair_values, pairs) < 0 ||
         table_from(&b->triple_indptr, &b->triple_indices, &b->triple_values, triples) < 0 || pairs->rows != vocab ||
