@@ -88,3 +88,30 @@ def joint_log_likelihood(head_ll: torch.Tensor) -> torch.Tensor:
     masked joint of DYNAMO.md needs the corpus counts and lives with them.
     """
     return head_ll.sum(dim=1)
+
+
+def head1_distillation_kl(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(p_1 || p_i) for heads i = 2..n, each the mean over its positions: (n-1,).
+
+    Head i at position t predicts x[t+i]; so does head 1 at position t+i-1. p_1
+    there is the teacher (detached: it receives no gradient from this term) and
+    p_i at t the student, both softmax(logits / temperature). Positions t with
+    t+i-1 outside the logits have no teacher and are skipped. No T**2 factor:
+    the term is mixed with the cross-entropy by a weight the caller chooses.
+    """
+    if logits.dim() != 4:
+        raise ValueError(f"logits must be (batch, heads, seq, vocab), got shape {tuple(logits.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _, num_heads, seq, _ = logits.shape
+    teacher_all = F.log_softmax(logits[:, 0].detach().float() / temperature, dim=-1)  # (B, T, V)
+    per_head = []
+    for j in range(1, num_heads):  # head i = j+1 at t <-> head 1 at t+j
+        count = seq - j
+        if count <= 0:
+            raise ValueError(f"head {j + 1} has no teacher position: {seq} positions, offset {j}")
+        student = F.log_softmax(logits[:, j, :count].float() / temperature, dim=-1)  # (B, count, V)
+        teacher = teacher_all[:, j:]  # (B, count, V)
+        kl = F.kl_div(student, teacher, reduction="none", log_target=True).sum(-1)  # (B, count)
+        per_head.append(kl.mean())
+    return torch.stack(per_head) if per_head else logits.new_zeros(0)

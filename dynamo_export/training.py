@@ -23,17 +23,12 @@ positions. The offsets of micro-batch k come from a generator seeded with
 number of micro-batches consumed (= step x grad_accum), and resuming at step s
 replays exactly the batches an uninterrupted run would have seen.
 
-Checkpoints (OUT/checkpoints/step-N). A DynaMo checkpoint directory (loadable
-with `DynaMoForCausalLM.from_pretrained`) plus:
-- `trainer_state.safetensors`: the optimizer's per-parameter tensors
-  (`optimizer.{index}.{exp_avg|exp_avg_sq|step}`) and the torch RNG state;
-- `trainer_state.json`: step, data position, the TrainConfig, the optimizer's
-  param groups and the scheduler's state (plain numbers).
-Nothing is pickled: tensors load with `safetensors.torch.load_file` and the
-rest with `json`, so a checkpoint cannot run code when read (the guarantee
-`torch.load(weights_only=True)` aims for, without torch.load at all). Each
-checkpoint is built in a hidden sibling directory and renamed into place, so a
-crash never leaves a half-written step-N.
+Distillation (`distill` > 0, dynamo_export/distill.py): heads 2..n also learn
+head 1's distribution, loss_i = (1 - W) CE_i + W KL(p_1 || p_i); the KL's
+gradient reaches only their own weights.
+
+Checkpoints (OUT/checkpoints/step-N): dynamo_export/train_state.py; nothing is
+pickled, and a step-N directory appears whole or not at all.
 """
 
 from __future__ import annotations
@@ -43,32 +38,34 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from dynamo_export.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from dynamo_export.checkpoint import TOKENIZER_FILES, WEIGHTS_NAME, checkpoint_kind, gpt_neox_key_map
+from dynamo_export.distill import backward_losses
 from dynamo_export.errors import CheckpointError, TrainingError
 from dynamo_export.evaluation import check_vocab, evaluate
-from dynamo_export.losses import multi_token_loss
 from dynamo_export.modeling import DynaMoForCausalLM
 from dynamo_export.tokens import open_tokens
+from dynamo_export.train_state import (
+    check_resumable,
+    checkpoint_steps,
+    load_trainer_state,
+    read_checkpoint_meta,
+    save_checkpoint,
+)
 
-STATE_JSON = "trainer_state.json"
-STATE_TENSORS = "trainer_state.safetensors"
 TRAIN_CONFIG_JSON = "train_config.json"
 LOG_NAME = "train_log.jsonl"
-STATE_FORMAT = 1
 ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8
-# Fields that only steer bookkeeping; a resumed run may change them freely.
-RESUMABLE_OVERRIDES = frozenset({"out", "val", "tokenizer", "eval_every", "eval_batches", "save_every"})
 
 
 @dataclass
@@ -97,6 +94,8 @@ class TrainConfig:
     eval_batches: int = 20
     save_every: int = 500
     seed: int = 0
+    distill: float = 0.0  # W: heads 2..n train on (1 - W) CE + W KL(p_1 || p_i); 0 = plain modified CLM
+    distill_temperature: float = 1.0  # T of both distributions in the KL
 
     def check(self) -> None:
         """Reject impossible settings up front, naming the option to fix."""
@@ -128,6 +127,10 @@ class TrainConfig:
             problems.append(
                 f"--clip and --weight-decay must be >= 0, got {self.clip} and {self.weight_decay}"
             )
+        if not 0 <= self.distill <= 1:  # also rejects NaN
+            problems.append(f"--distill is a mixing weight and must lie in [0, 1], got {self.distill}")
+        if not 0 < self.distill_temperature < math.inf:
+            problems.append(f"--distill-temperature must be > 0 and finite, got {self.distill_temperature}")
         if problems:
             raise TrainingError("invalid training configuration: " + "; ".join(problems))
 
@@ -298,95 +301,6 @@ class WindowSampler:
         return torch.from_numpy(np.stack(rows))  # (B, seq_len + n)
 
 
-# -- checkpoints -----------------------------------------------------------------------------------
-
-
-def save_checkpoint(directory: Path, model, optimizer, scheduler, cfg: TrainConfig, step: int) -> Path:
-    opt_state = optimizer.state_dict()
-    tensors = {"rng.torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors["rng.torch_cuda"] = torch.cuda.get_rng_state()
-    state_keys = {}
-    for index, entry in opt_state["state"].items():
-        state_keys[str(index)] = sorted(entry)
-        for name, value in entry.items():
-            if not torch.is_tensor(value):
-                raise TrainingError(
-                    f"optimizer state {index}.{name} is not a tensor; cannot store it in safetensors"
-                )
-            tensors[f"optimizer.{index}.{name}"] = value.detach().cpu().contiguous()
-    groups = [{k: v for k, v in g.items()} for g in opt_state["param_groups"]]
-    meta = {
-        "format": STATE_FORMAT,
-        "step": step,
-        "data_position": step * cfg.grad_accum,
-        "config": asdict(cfg),
-        "optimizer": {"param_groups": groups, "state_keys": state_keys},
-        "scheduler": scheduler.state_dict(),
-    }
-    with atomic_directory(directory, overwrite=True) as tmp:
-        model.save_pretrained(tmp, overwrite=True)
-        save_file(tensors, tmp / STATE_TENSORS)
-        atomic_write_json(tmp / STATE_JSON, meta)
-    return directory
-
-
-def checkpoint_steps(out: Path) -> dict[int, Path]:
-    found = {}
-    for path in (out / "checkpoints").glob("step-*"):
-        if path.is_dir() and path.name[5:].isdigit():
-            found[int(path.name[5:])] = path
-    return found
-
-
-def read_checkpoint_meta(path: Path) -> dict:
-    try:
-        meta = json.loads((path / STATE_JSON).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TrainingError(f"{path} is not a training checkpoint ({STATE_JSON} unreadable: {exc})") from exc
-    if meta.get("format") != STATE_FORMAT:
-        raise TrainingError(f"{path}/{STATE_JSON} has format {meta.get('format')!r}, expected {STATE_FORMAT}")
-    return meta
-
-
-def check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
-    """A resumed run must continue the same trajectory: list every field that would change it."""
-    current = json.loads(json.dumps(asdict(cfg)))
-    names = {f.name for f in fields(TrainConfig)} - RESUMABLE_OVERRIDES
-    changed = [
-        f"{k}: checkpoint {saved.get(k)!r} vs now {current[k]!r}"
-        for k in sorted(names)
-        if saved.get(k) != current[k]
-    ]
-    if changed:
-        raise TrainingError(
-            f"cannot resume from {path}: the run's settings changed ({'; '.join(changed)}); "
-            "resume with the original settings or start a new --out"
-        )
-
-
-def load_trainer_state(path: Path, meta: dict, optimizer, scheduler) -> None:
-    """Restore optimizer, scheduler and RNG from a checkpoint (safetensors + JSON, no unpickling)."""
-    try:
-        tensors = load_file(path / STATE_TENSORS)
-    except Exception as exc:  # safetensors raises its own SafetensorError for corrupt files
-        raise TrainingError(f"{path}/{STATE_TENSORS} is not a readable safetensors file: {exc}") from exc
-    opt = meta["optimizer"]
-    groups = [{**g, "betas": tuple(g["betas"])} for g in opt["param_groups"]]
-    state = {
-        int(i): {name: tensors[f"optimizer.{i}.{name}"] for name in names}
-        for i, names in opt["state_keys"].items()
-    }
-    try:
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
-    except ValueError as exc:
-        raise TrainingError(f"optimizer state in {path} does not fit the model: {exc}") from exc
-    scheduler.load_state_dict(meta["scheduler"])
-    torch.set_rng_state(tensors["rng.torch_cpu"])
-    if "rng.torch_cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.torch_cuda"])
-
-
 # -- the loop --------------------------------------------------------------------------------------
 
 
@@ -447,6 +361,11 @@ def train(
         load_trainer_state(*resume_from, optimizer, scheduler)
         start = resume_from[1]["step"]
     n = model.num_token_heads
+    if cfg.distill > 0 and n < 2:
+        raise TrainingError(
+            f"--distill {cfg.distill} trains heads 2..n towards head 1, but this model has one head: "
+            "drop --distill or give --num-token-heads >= 2"
+        )
     sampler = WindowSampler(train_ids, cfg.seq_len + n, cfg.batch_size, cfg.seed)
     if stop_at is not None and not start < stop_at <= cfg.steps:
         raise TrainingError(f"--stop-at must lie in ({start}, {cfg.steps}] for this run, got {stop_at}")
@@ -459,20 +378,18 @@ def train(
     for step in range(start, end):
         began = time.perf_counter()
         lrs = {g["lr_name"]: g["lr"] for g in optimizer.param_groups}
-        per_head, grad_norm = train_step(model, optimizer, sampler, step, cfg, device)
+        per_head, kl, grad_norm = train_step(model, optimizer, sampler, step, cfg, device)
         scheduler.step()
         done = step + 1
-        record = {
-            "step": done,
-            "lr": lrs,
-            "train_loss": per_head,
-            "grad_norm": grad_norm,
-            "tokens_per_s": cfg.batch_size * cfg.grad_accum * cfg.seq_len / (time.perf_counter() - began),
-        }
+        record = {"step": done, "lr": lrs, "train_loss": per_head}
+        if cfg.distill > 0:
+            record["train_kl"] = kl  # heads 2..n
+        record["grad_norm"] = grad_norm
+        record["tokens_per_s"] = cfg.batch_size * cfg.grad_accum * cfg.seq_len / (time.perf_counter() - began)
         if done % cfg.eval_every == 0 or done == cfg.steps:
             record["val_loss"] = _validate(model, val_ids, cfg)
         log.write(record)
-        bar.set_postfix(loss=f"{sum(per_head):.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.set_postfix(_postfix(per_head, kl, record["tokens_per_s"]))
         bar.update()
         if done < cfg.steps and (done % cfg.save_every == 0 or done == stop_at):
             save_checkpoint(out / "checkpoints" / f"step-{done}", model, optimizer, scheduler, cfg, done)
@@ -504,19 +421,35 @@ def _starting_model(cfg: TrainConfig, out: Path, resume: bool, train_meta) -> tu
 
 
 def train_step(model, optimizer, sampler: WindowSampler, step: int, cfg: TrainConfig, device):
-    """One optimizer step over grad_accum micro-batches; returns (per-head mean loss, grad norm)."""
+    """One optimizer step over grad_accum micro-batches.
+
+    Returns (per-head mean CE (n,), heads 2..n's mean KL (n-1,; empty without
+    distillation), grad norm before clipping or None).
+    """
     optimizer.zero_grad(set_to_none=True)
-    per_head = torch.zeros(model.num_token_heads, dtype=torch.float64)
+    n = model.num_token_heads
+    per_head = torch.zeros(n, dtype=torch.float64)
+    kl = torch.zeros(n - 1 if cfg.distill > 0 else 0, dtype=torch.float64)
     for micro in range(cfg.grad_accum):
         window = sampler.batch(step * cfg.grad_accum + micro).to(device)  # (B, seq_len + n)
-        loss = multi_token_loss(model(window[:, : cfg.seq_len]).logits, window)
-        (loss.total / cfg.grad_accum).backward()
-        per_head += loss.per_head.detach().double().cpu() / cfg.grad_accum
+        logits = model(window[:, : cfg.seq_len]).logits  # (B, n, seq_len, V)
+        losses = backward_losses(model, logits, window, cfg.distill, cfg.distill_temperature, cfg.grad_accum)
+        per_head += losses.ce.double().cpu() / cfg.grad_accum
+        kl += losses.kl.double().cpu() / cfg.grad_accum
     grad_norm = None
     if cfg.clip > 0:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip))
     optimizer.step()
-    return per_head.tolist(), grad_norm
+    return per_head.tolist(), kl.tolist(), grad_norm
+
+
+def _postfix(per_head: list[float], kl: list[float], tokens_per_s: float) -> dict[str, str]:
+    """Progress-bar fields: every head's CE, and heads 2..n's KL when distilling."""
+    fields_ = {"ce": "/".join(f"{v:.3f}" for v in per_head)}
+    if kl:
+        fields_["kl"] = "/".join(f"{v:.3f}" for v in kl)
+    fields_["tok_s"] = f"{tokens_per_s:.0f}"
+    return fields_
 
 
 def _save_final(out: Path, model: DynaMoForCausalLM, cfg: TrainConfig) -> Path:

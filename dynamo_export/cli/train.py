@@ -67,6 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batches", type=int, default=d.eval_batches)
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--distill",
+        type=float,
+        default=d.distill,
+        metavar="W",
+        help="self-distillation weight in [0, 1]: heads 2..n train on (1-W)*CE + W*KL(p_1 || p_i), p_1 being "
+        "head 1's (detached) distribution for the same token; the KL moves only heads 2..n's own weights. "
+        "Drafts that agree with head 1 are accepted more often by verify. 0 (default): plain modified CLM",
+    )
+    p.add_argument(
+        "--distill-temperature",
+        type=float,
+        default=d.distill_temperature,
+        metavar="T",
+        help="temperature of both distributions in the KL (default 1.0). The runtime samples at 0.7, so T = 0.7 "
+        "matches the heads where drafting and verification actually compare them",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--stop-at", type=int, help="stop after this step with a checkpoint (resume later)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -124,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
         eval_batches=args.eval_batches,
         save_every=args.save_every,
         seed=args.seed,
+        distill=args.distill,
+        distill_temperature=args.distill_temperature,
     )
     try:
         result = train(
