@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: setup run test test-fast lint reference-data reference-model bench clean
 
 # runtime/_native.c is compiled by the install: a changed kernel needs a fresh one.
-$(STAMP): pyproject.toml runtime/_native.c runtime/_marginals.c runtime/_marginals.h
+$(STAMP): pyproject.toml runtime/_native.c runtime/_stages.c runtime/_stages.h runtime/_marginals.c runtime/_marginals.h
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[export,dev]"

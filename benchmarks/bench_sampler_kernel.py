@@ -26,7 +26,9 @@ import time
 
 import numpy as np
 
-from runtime import DynaMoRuntime, SamplingConfig, native, sampling
+from runtime import DynaMoRuntime, SamplingConfig, native
+from runtime.dynamic import DynamicSampler
+from runtime.tokensets import SeenTokens
 
 PROMPTS = [
     "I am a student at the",
@@ -41,27 +43,27 @@ FLUSH = np.ones(5_000_000)  # 40 MB: about what one forward pass of the referenc
 
 def record_steps(rt: DynaMoRuntime, max_new_tokens: int) -> list[tuple[np.ndarray, np.ndarray]]:
     calls = []
-    original = sampling.DynamicSampler.step
+    original = DynamicSampler.step
 
     def spy(self, logits, generated, masks, config, rng):
-        history = generated.mask.nonzero()[0] if isinstance(generated, sampling.SeenTokens) else generated
+        history = generated.mask.nonzero()[0] if isinstance(generated, SeenTokens) else generated
         calls.append((np.array(logits), np.array(history, dtype=np.int64)))
         return original(self, logits, generated, masks, config, rng)
 
-    sampling.DynamicSampler.step = spy
+    DynamicSampler.step = spy
     try:
         for seed, prompt in enumerate(PROMPTS):
             rt.generate(
                 prompt, max_new_tokens=max_new_tokens, config=SamplingConfig(mode="dynamic"), seed=seed
             )
     finally:
-        sampling.DynamicSampler.step = original
+        DynamicSampler.step = original
     return calls
 
 
 def replay(calls, masks, rounds: int) -> None:
     config = SamplingConfig()
-    samplers = {"numpy": sampling.DynamicSampler(use_native=False), "kernel": sampling.DynamicSampler()}
+    samplers = {"numpy": DynamicSampler(use_native=False), "kernel": DynamicSampler()}
     times = {(name, cold): [] for name in samplers for cold in (False, True)}
     for _ in range(rounds):
         for cold in (False, True):

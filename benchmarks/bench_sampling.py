@@ -31,7 +31,8 @@ import time
 import numpy as np
 
 from runtime.config import SamplingConfig
-from runtime.sampling import DynamicSampler, sample_ar
+from runtime.draws import sample_ar
+from runtime.dynamic import DynamicSampler
 
 N_HEADS = 3
 VARIANTS = {

@@ -2,7 +2,7 @@
 
 Modes (runtime/config.py):
 - ar: head 1 alone, one token per pass -- the baseline on the same artifact.
-- dynamic: Algorithm 1 (runtime/sampling.py) at the last fed position; every
+- dynamic: Algorithm 1 (runtime/dynamic.py) at the last fed position; every
   emitted token is fed in the next pass at once through the KV cache.
 - verify: heads 2..n draft the tokens after the one head 1 just chose; the next
   pass feeds [chosen, drafts...] and head 1 checks every draft at its position
@@ -23,18 +23,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from runtime.config import SamplingConfig
+from runtime.draws import sample_ar
+from runtime.dynamic import DynamicSampler
 from runtime.errors import GenerationTimeout
-from runtime.sampling import (
-    Draft,
-    DynamicSampler,
-    SeenTokens,
-    TokenSet,
-    draft_tokens,
-    sample_ar,
-    tokens_plus,
-    verify_drafts,
-)
 from runtime.session import Deadline, GraphSession
+from runtime.tokensets import SeenTokens, TokenSet, tokens_plus
+from runtime.verify import Draft, draft_tokens, verify_drafts
 
 
 @dataclass

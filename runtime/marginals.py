@@ -19,6 +19,7 @@ without a compiler. The twin is ~10x slower: its polynomial takes 30 ufunc calls
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -68,6 +69,37 @@ def lane_totals(weights: np.ndarray) -> np.ndarray:
     padded[:, :vocab] = weights
     lanes = np.add.accumulate(padded.reshape(rows, -1, LANES), axis=1)[:, -1]  # (rows, LANES)
     return np.add.accumulate(lanes, axis=1)[:, -1]
+
+
+@dataclass(frozen=True)
+class TopK:
+    """A head's candidates in grid order and their probabilities (not renormalised unless stated)."""
+
+    ids: np.ndarray  # (k,) int64
+    probs: np.ndarray  # (k,) float64
+
+
+def heads_topk(logits: np.ndarray, top_k: int, temperature: float, use_native: bool = True) -> list[TopK]:
+    """Each row of (heads, vocab) `logits` as a TopK: its top-k tokens (descending logit, ties by
+    id) with their softmax(logits / T) probabilities. The compiled kernel does every row in one
+    call where numpy takes dozens, to the same bits; `use_native=False` keeps to numpy."""
+    return [
+        TopK(ids, probs)
+        for ids, probs in zip(*topk_arrays(logits, top_k, temperature, use_native), strict=True)
+    ]
+
+
+def head_topk(logits_row: np.ndarray, top_k: int, temperature: float, use_native: bool = True) -> TopK:
+    """`heads_topk` of one (vocab,) row."""
+    return heads_topk(np.asarray(logits_row)[None], top_k, temperature, use_native)[0]
+
+
+def check_logits(logits: np.ndarray) -> np.ndarray:
+    """`logits` as an array, if it is (n_heads, vocab) with both sizes at least 1."""
+    logits = np.asarray(logits)
+    if logits.ndim != 2 or 0 in logits.shape:
+        raise SamplingError(f"logits must be (n_heads, vocab) at one position, got shape {logits.shape}")
+    return logits
 
 
 def topk_arrays(

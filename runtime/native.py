@@ -1,4 +1,4 @@
-"""The compiled sampler kernel (runtime/_native.c, runtime/_marginals.c) behind numpy-shaped
+"""The compiled sampler kernel (runtime/_native.c, _stages.c, _marginals.c) behind numpy-shaped
 calls: a whole weighted dynamic step from the heads' logits, the weighted joint alone, and the
 heads' marginals (top-k and softmax) for the other modes.
 
@@ -8,10 +8,11 @@ numpy path, which computes the very same numbers (tests/test_native.py holds the
 equal bit for bit, and both to the whole-grid definition). DYNAMO_NATIVE=0 in the
 environment turns the kernel off.
 
-The kernel covers the paper's defaults and their neighbours: co-occurrence weights
-with alpha_c = 1 over 2- or 3-token grids, any static threshold, Otsu on or off, blur
-0, 1 or 3. Anything else (alpha_c != 1 needs numpy's pow, wider blurs scipy's
-correlate1d rounding) goes the numpy way.
+The kernel has one C function per stage of runtime/stages.py (runtime/_stages.c); which
+settings it covers is each stage's `kernel` predicate there: the paper's defaults and their
+neighbours, co-occurrence weights with alpha_c = 1 over 2- or 3-token grids, any static
+threshold, Otsu on or off, blur 0, 1 or 3. Anything else (alpha_c != 1 needs numpy's pow,
+wider blurs scipy's correlate1d rounding) goes the numpy way.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 
 from runtime.config import SamplingConfig
 from runtime.errors import SamplingError
+from runtime.stages import DYNAMIC_STAGES, GRID_STAGES, check_implements, kernel_covers
 
 if os.environ.get("DYNAMO_NATIVE", "1") == "0":  # opt out, e.g. to compare the two paths
     _native = None
@@ -35,6 +37,8 @@ else:
         _native = None
 
 AVAILABLE = _native is not None
+if _native is not None:  # the kernel's stage functions, in the list's order (runtime/_stages.h)
+    check_implements("runtime/_stages.c", dict.fromkeys(_native.STAGES), DYNAMIC_STAGES)
 UNUSABLE_LOGITS = "logits contain NaN or +inf; the model output is unusable"
 # Grids above this many cells (top_k > 128 at three heads) take the numpy path: the
 # kernel's scratch is 8 words and a byte per cell.
@@ -53,26 +57,23 @@ class CsrTables(NamedTuple):
 
 
 def supports_step(masks, config: SamplingConfig, n_heads: int, k: int) -> bool:
-    """Whether one kernel call can do a whole step: weights at every n >= 2, within `supports`."""
+    """Whether one kernel call can do a whole step: weights at every n >= 2, every stage covered."""
     return (
         n_heads >= 2
         and hasattr(masks, "csr_tables")
-        and all(
-            n in masks.orders and supports(n, k**n, config.alpha_c, config.adaptive, config.blur)
-            for n in range(2, n_heads + 1)
-        )
+        and kernel_covers(DYNAMIC_STAGES, config)
+        and all(n in masks.orders and supports_grid(n, k**n, config) for n in range(2, n_heads + 1))
     )
 
 
-def supports(order: int, cells: int, alpha_c: float, adaptive: bool, blur: int) -> bool:
-    """Whether the kernel computes this joint (else the numpy path does)."""
-    return (
-        AVAILABLE
-        and order in (2, 3)
-        and cells <= MAX_CELLS
-        and alpha_c == 1
-        and (not adaptive or blur in (0, 1, 3))
-    )
+# The grid call (`NativeSampler.joint`) does these stages of a weighted grid, in order.
+GRID_CALL = GRID_STAGES[: GRID_STAGES.index("adaptive_threshold") + 1]
+_GRID_CALL_STAGES = tuple(s for s in DYNAMIC_STAGES if s.name in GRID_CALL)
+
+
+def supports_grid(order: int, cells: int, config: SamplingConfig) -> bool:
+    """Whether the kernel's grid call computes a weighted joint of `order` heads and `cells` cells."""
+    return AVAILABLE and order in (2, 3) and cells <= MAX_CELLS and kernel_covers(_GRID_CALL_STAGES, config)
 
 
 def marginals(logits: np.ndarray, k: int, temperature: float) -> tuple[np.ndarray, np.ndarray] | None:
@@ -210,6 +211,8 @@ class NativeSampler:
         to. None where the kernel does not read the logits (`reads`). Raises SamplingError for
         unusable logits.
         """
+        if logits.dtype == np.float16:  # exact in float32: the kernel reads it, to the numpy path's bits
+            logits = logits.astype(np.float32)
         tokens = self._stepper.step(logits, seen, rng.random)
         if tokens is NotImplemented:
             return None

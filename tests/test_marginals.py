@@ -10,7 +10,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from runtime import marginals, reference
+from runtime import marginals
+from tests import oracle
 
 ULP = 2.0**-52
 
@@ -60,13 +61,13 @@ def test_lane_totals_are_sixteen_running_sums_then_the_lanes_in_order(vocab):
 
 @pytest.mark.parametrize("temperature", [0.05, 0.7, 1.0, 2.5])
 def test_topk_probabilities_match_the_reference_softmax(temperature):
-    """runtime/reference.py: math.exp and math.fsum over the vocabulary, ranked by (-logit, id)."""
+    """runtime/oracle.py: math.exp and math.fsum over the vocabulary, ranked by (-logit, id)."""
     rng = np.random.default_rng(int(temperature * 100))
     logits = (rng.normal(size=(3, 3000)) * 4).astype(np.float32)
     logits[1, ::5] = logits[1, 0]  # ties
     for use_native in (True, False):
         ids, probs = marginals.topk_arrays(logits, 40, temperature, use_native)
         for row, row_ids, row_probs in zip(logits, ids, probs, strict=True):
-            expected = reference.candidates(row, 40, temperature)
+            expected = oracle.candidates(row, 40, temperature)
             assert row_ids.tolist() == [t for t, _ in expected]
             np.testing.assert_allclose(row_probs, [p for _, p in expected], rtol=1e-13, atol=1e-300)

@@ -10,10 +10,12 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from runtime import _native, native, reference
+from runtime import _native, native
 from runtime.config import SamplingConfig
+from runtime.dynamic import DynamicSampler
 from runtime.errors import SamplingError
-from runtime.sampling import DynamicSampler, head_topk, heads_topk
+from runtime.marginals import head_topk, heads_topk
+from tests import oracle
 from tests.sampling_definitions import csr_masks, random_masks, whole_grid_joint
 
 # The kernel's configurations: alpha_c = 1, blur 0/1/3, Otsu on or off, any threshold.
@@ -49,7 +51,7 @@ def masks(tmp_path_factory):
 def test_kernel_joint_equals_numpy_and_the_whole_grid_definition(masks, config, scale):
     rng = np.random.default_rng(int(scale * 10))
     compiled, plain = DynamicSampler(), DynamicSampler(use_native=False)
-    assert native.supports(3, 50**3, config.alpha_c, config.adaptive, config.blur)
+    assert native.supports_grid(3, 50**3, config)
     for vocab, mask in masks:
         for top_k in (50, 7, 1):
             logits = (rng.normal(size=(3, vocab)) * scale).astype(np.float32)
@@ -154,10 +156,10 @@ def test_kernel_step_equals_the_reference(small_masks, case):
     logits, generated, which, config, seed = case
     mask = small_masks[which]
     ties: list[str] = []
-    expected = reference.step(logits, generated, mask, config, np.random.default_rng(seed), ties)
+    expected = oracle.step(logits, generated, mask, config, np.random.default_rng(seed), ties)
     for n in range(2, logits.shape[0] + 1):
-        heads = [reference.candidates(row, config.top_k, config.temperature or 1.0) for row in logits[:n]]
-        reference.joint(heads, generated, mask, config, ties)
+        heads = [oracle.candidates(row, config.top_k, config.temperature or 1.0) for row in logits[:n]]
+        oracle.grid_joint(heads, generated, mask, config, ties)
     assume(not ties)  # a decision exactly on a boundary is a coin toss between roundings
     result = DynamicSampler().step(logits, generated, mask, config, np.random.default_rng(seed))
     assert (result.tokens, result.backoffs) == expected
@@ -201,7 +203,7 @@ def test_kernel_topk_equals_numpy(name):
                 np.testing.assert_array_equal(f.ids, p.ids)
                 np.testing.assert_array_equal(f.probs, p.probs)
     # And the reference's ranking: descending logit, ties by ascending id.
-    expected = [[t for t, _ in reference.candidates(row, 50, 1.0)] for row in logits]
+    expected = [[t for t, _ in oracle.candidates(row, 50, 1.0)] for row in logits]
     assert [t.ids.tolist() for t in heads_topk(logits, 50, 1.0)] == expected
 
 

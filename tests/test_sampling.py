@@ -1,4 +1,4 @@
-"""The fast sampler (runtime/sampling.py) against the plain reference (runtime/reference.py) and
+"""The fast sampler (runtime/sampling.py) against the plain reference (runtime/oracle.py) and
 against the properties Algorithm 1 promises: normalised joint, eps_b = 1 is `ar`, eps_b = 0 always
 emits n, back-off, greedy, repetition penalty, verify mode's exact target distribution."""
 
@@ -14,22 +14,15 @@ from hypothesis import strategies as st
 from scipy import stats
 from scipy.ndimage import correlate1d
 
-from runtime import reference
 from runtime.config import SamplingConfig
+from runtime.draws import sample_ar
+from runtime.dynamic import DynamicSampler
 from runtime.errors import SamplingConfigError, SamplingError
-from runtime.sampling import (
-    Draft,
-    DynamicSampler,
-    TopK,
-    _blur3_twice,
-    _draw_residual,
-    ar_distribution,
-    draft_tokens,
-    head_topk,
-    sample_ar,
-    tokens_plus,
-    verify_drafts,
-)
+from runtime.marginals import TopK, head_topk
+from runtime.otsu import blur3_twice
+from runtime.tokensets import tokens_plus
+from runtime.verify import Draft, ar_distribution, draft_tokens, draw_residual, verify_drafts
+from tests import oracle
 from tests.sampling_definitions import DenseMasks, csr_masks, outer, random_masks, whole_grid_joint
 
 PLAIN = SamplingConfig(temperature=1.0, repetition_penalty=1.0, adaptive=False, blur=0)
@@ -91,11 +84,11 @@ def test_fast_step_equals_reference(case):
 
     fast = sampler.step(logits, generated, masks, config, fast_rng)
     ties: list[str] = []
-    tokens, backoffs = reference.step(logits, generated, masks, config, ref_rng, ties)
+    tokens, backoffs = oracle.step(logits, generated, masks, config, ref_rng, ties)
     for n in range(2, logits.shape[0] + 1):
-        heads = [reference.candidates(row, config.top_k, config.temperature or 1.0) for row in logits[:n]]
-        reference.joint(heads, generated, masks, config, ties)
-    # A decision exactly on a boundary is a coin toss between two roundings (see reference.py).
+        heads = [oracle.candidates(row, config.top_k, config.temperature or 1.0) for row in logits[:n]]
+        oracle.grid_joint(heads, generated, masks, config, ties)
+    # A decision exactly on a boundary is a coin toss between two roundings (see oracle.py).
     assume(not ties)
 
     assert (fast.tokens, fast.backoffs) == (tokens, backoffs)
@@ -103,10 +96,10 @@ def test_fast_step_equals_reference(case):
     temperature = config.temperature or 1.0
     for n in range(2, logits.shape[0] + 1):  # the same joint at every level
         topks = [head_topk(row, config.top_k, temperature) for row in logits[:n]]
-        heads = [reference.candidates(row, config.top_k, temperature) for row in logits[:n]]
+        heads = [oracle.candidates(row, config.top_k, temperature) for row in logits[:n]]
         assert [t.ids.tolist() for t in topks] == [[tok for tok, _ in h] for h in heads]
         grid = sampler.joint(topks, np.asarray(generated), masks, config)
-        expected = reference.joint(heads, generated, masks, config)
+        expected = oracle.grid_joint(heads, generated, masks, config)
         np.testing.assert_allclose(
             [grid[c] for c in expected], list(expected.values()), rtol=1e-9, atol=1e-300
         )
@@ -130,7 +123,7 @@ def test_topk_matches_reference_including_ties(vocab, top_k, kind, seed):
             row[rng.integers(vocab)] = 1.0
     row = row.astype(np.float32)
     top = head_topk(row, top_k, 0.7)
-    expected = reference.candidates(row, top_k, 0.7)
+    expected = oracle.candidates(row, top_k, 0.7)
     assert top.ids.tolist() == [t for t, _ in expected]  # ties go to the smallest ids
     np.testing.assert_allclose(top.probs, [p for _, p in expected], rtol=1e-12)
 
@@ -155,7 +148,7 @@ def test_blur_by_slices_is_twice_scipys_bit_for_bit(shape):
         src = grid
         for axis in range(grid.ndim):
             out = np.empty_like(grid)
-            _blur3_twice(src, out, axis)
+            blur3_twice(src, out, axis)
             src = out
         np.testing.assert_array_equal(src, expected * 2.0**grid.ndim)
 
@@ -210,11 +203,11 @@ def test_full_size_steps_follow_the_whole_grid_definition(eps_b, temperature):
         for n in (3, 2):
             grid = whole_grid_joint(topks[:n], generated, masks, config)
             if min(grid.max(), 1.0) > eps_b ** (n - 1):
-                cell = reference.draw(list(np.ndenumerate(grid)), config.greedy, expected_rng)
+                cell = oracle.draw(list(np.ndenumerate(grid)), config.greedy, expected_rng)
                 expected = tuple(int(t.ids[i]) for t, i in zip(topks[:n], cell, strict=True))
                 break
         else:
-            expected = (reference.sample_ar(logits[0], generated, config, expected_rng),)
+            expected = (oracle.sample_ar(logits[0], generated, config, expected_rng),)
         fast_rng = np.random.default_rng(seed)
         result = sampler.step(logits, generated, masks, config, fast_rng)
         assert result.tokens == expected
@@ -302,7 +295,7 @@ def test_the_runtimes_cooccurrence_mask_plugs_in(tmp_path):
         config = SamplingConfig(top_k=5, eps_b=(0.2, 0.7, 0.95)[seed % 3])
         logits = np.random.default_rng(seed).normal(size=(3, vocab)).astype(np.float32) * 2
         ties: list[str] = []
-        expected = reference.step(logits, [1, 2], mask, config, np.random.default_rng(seed), ties)
+        expected = oracle.step(logits, [1, 2], mask, config, np.random.default_rng(seed), ties)
         fast = DynamicSampler().step(logits, [1, 2], mask, config, np.random.default_rng(seed))
         assert ties or (fast.tokens, fast.backoffs) == expected
         emitted.append(len(fast.tokens))
@@ -442,9 +435,9 @@ def verify_three_tokens(model, drafter, context, config, rng, dists_override=Non
 def exact_ar_joint(model, context, config, vocab):
     """P(x1, x2, x3) of sampling three tokens with `ar`, from the reference's distributions."""
     probs = np.zeros((vocab,) * 3)
-    for a, pa in reference.ar_distribution(model(context)[0], context, config).items():
-        for b, pb in reference.ar_distribution(model([*context, a])[0], [*context, a], config).items():
-            third = reference.ar_distribution(model([*context, a, b])[0], [*context, a, b], config)
+    for a, pa in oracle.ar_distribution(model(context)[0], context, config).items():
+        for b, pb in oracle.ar_distribution(model([*context, a])[0], [*context, a], config).items():
+            third = oracle.ar_distribution(model([*context, a, b])[0], [*context, a, b], config)
             for c, pc in third.items():
                 probs[a, b, c] = pa * pb * pc
     return probs
@@ -551,7 +544,7 @@ def test_residual_draw_over_p_candidates_equals_the_whole_vocabulary():
         p, q = TopK(p_ids, p_probs), TopK(q_ids, q_probs)
         seed = int(rng.integers(1 << 30))
         u = np.random.default_rng(seed).random()
-        assert _draw_residual(p, q, np.random.default_rng(seed)) == dense_residual_draw(p, q, vocab, u)
+        assert draw_residual(p, q, np.random.default_rng(seed)) == dense_residual_draw(p, q, vocab, u)
 
 
 def test_token_set_plus_drafts_is_the_union():
