@@ -32,8 +32,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from dynamo_export.atomic import atomic_directory
 from dynamo_export.errors import DataError
+from runtime.atomic import atomic_directory
 
 PACKAGE = "python3.11-doc"
 SOURCES_DIR = "usr/share/doc/python3.11/html/_sources"

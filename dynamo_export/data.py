@@ -21,9 +21,9 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 
-from dynamo_export.atomic import atomic_write_text
 from dynamo_export.errors import DataError
 from dynamo_export.tokens import TokenFileMeta, dtype_for_vocab, write_token_file
+from runtime.atomic import atomic_write_text
 
 EOT_TOKEN = "<|endoftext|>"
 _NUM_BYTE_SYMBOLS = 256

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dynamo_export.atomic import atomic_write_bytes, atomic_write_json
 from dynamo_export.errors import TokenFileError
+from runtime.atomic import atomic_write_bytes, atomic_write_json
 
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import tokenizers
 
-from dynamo_export.atomic import atomic_write_json
 from dynamo_export.corpus import SPLITS, fetch_corpus, split_files
 from dynamo_export.data import tokenize_files, train_tokenizer
 from dynamo_export.errors import TokenFileError
 from dynamo_export.tokens import read_token_meta
+from runtime.atomic import atomic_write_json
 
 DEFAULT_OUT = Path("data/reference")
 VOCAB_SIZE = 8192

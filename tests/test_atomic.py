@@ -8,7 +8,13 @@ import stat
 
 import pytest
 
-from dynamo_export.atomic import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text
+from runtime.atomic import (
+    atomic_directory,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    install_directory,
+)
 
 
 def _fail_when_source(monkeypatch, predicate):
@@ -105,3 +111,17 @@ def test_failed_rename_restores_the_old_directory(tmp_path, monkeypatch):
     assert (target / "keep").read_text() == "old"
     assert [p.name for p in target.iterdir()] == ["keep"]
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # neither staging nor the moved-aside copy
+
+
+def test_install_directory_moves_a_finished_directory_in_and_the_old_one_out(tmp_path):
+    """The rename that exporters with their own staging layout call (converters/artifact.py)."""
+    target, built = tmp_path / "art", tmp_path / "staging" / "built"
+    built.mkdir(parents=True)
+    (built / "new").write_text("new")
+    target.mkdir()
+    (target / "old").write_text("old")
+    with pytest.raises(FileExistsError):
+        install_directory(built, target)
+    install_directory(built, target, overwrite=True)
+    assert [p.name for p in target.iterdir()] == ["new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "staging"]  # the old one is gone
