@@ -27,10 +27,11 @@ import onnxruntime as ort
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from converters.io_spec import BATCH, PAST, SEQ, IOSpec, dummy_inputs, io_spec
+from converters.io_spec import IOSpec, dummy_inputs, io_spec
 from converters.onnx_export import export_onnx
 from converters.optimize import fuse
 from dynamo_export import DynaMoForCausalLM
+from runtime.contract import BATCH, CPU_PROVIDER, PAST, SEQ
 
 ARCHS = {
     "70m": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048),
@@ -75,7 +76,7 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=[CPU_PROVIDER])
 
 
 def time_steps(sessions: dict[str, ort.InferenceSession], specs: dict, vocab: int, new: int, repeats: int):

@@ -7,9 +7,9 @@
     DIR/cooccurrence/          when given, validated against the model's vocabulary
 
 Everything is built in a staging directory next to DIR and renamed into place
-at the end, so DIR either holds a complete, verified artifact or is untouched:
-a failed export leaves nothing behind, and an existing DIR is replaced only
-with force=True (and only if it is an artifact or empty).
+at the end (runtime/atomic.py), so DIR either holds a complete, verified artifact
+or is untouched: a failed export leaves nothing behind, and an existing DIR is
+replaced only with force=True (and only if it is an artifact or empty).
 """
 
 from __future__ import annotations
@@ -28,16 +28,19 @@ import onnx
 from tqdm.auto import tqdm
 from transformers import GPTNeoXConfig
 
+from converters.errors import ExportError
 from converters.io_spec import IOSpec, check_graph_io, io_spec
 from converters.onnx_export import check_shared_projection, export_onnx
 from converters.optimize import fuse, quantize_int8, save_onnx, to_fp16
 from converters.verify import ParityReport, verify_graph
 from dynamo_export.checkpoint import checkpoint_kind
 from dynamo_export.config import DynaMoConfig
-from dynamo_export.errors import CheckpointError, ExportError
+from dynamo_export.errors import CheckpointError
 from dynamo_export.modeling import DynaMoForCausalLM
+from runtime.atomic import install_directory
 from runtime.config import SamplingConfig
-from runtime.cooccurrence import MATRIX_NAMES, META_NAME, load_cooccurrence
+from runtime.contract import CACHE_DTYPE, WEIGHT_DTYPES
+from runtime.cooccurrence_file import MATRIX_NAMES, META_NAME, load_cooccurrence
 from runtime.errors import CooccurrenceFileError
 from runtime.manifest import (
     FORMAT_NAME,
@@ -51,7 +54,6 @@ from runtime.manifest import (
     verify_files,
 )
 
-DTYPES = ("fp32", "fp16", "int8")
 EXTERNAL_DATA = ("auto", "always")
 # The dynamo exporter emits opset 18; older opsets would need a lossy down-conversion.
 MIN_OPSET = 18
@@ -62,7 +64,6 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = MODEL_FILE + ".data"
 TOKENIZER_FILE = "tokenizer.json"
 COOCCURRENCE_DIR = "cooccurrence"
-CACHE_DTYPE = {"fp32": "float32", "fp16": "float16", "int8": "float32"}
 
 
 @dataclass
@@ -148,9 +149,8 @@ def _build(plan: _Plan, staging: Path, step, result: ExportResult) -> None:
             _copy_cooccurrence(plan.cooccurrence, built / COOCCURRENCE_DIR, plan.config.vocab_size)
         model = _load_model(plan)
     config = model.config
-    spec = io_spec(config)
     with step("export"):
-        current = export_onnx(model, work / "export" / MODEL_FILE, spec, plan.opset)
+        current = export_onnx(model, work / "export" / MODEL_FILE, io_spec(config), plan.opset)
         check_shared_projection(current, model.embed_out.weight.detach().numpy())
     if plan.optimize:
         with step("fuse"):
@@ -162,7 +162,7 @@ def _build(plan: _Plan, staging: Path, step, result: ExportResult) -> None:
             convert = to_fp16 if plan.dtype == "fp16" else quantize_int8
             convert(current, work / plan.dtype / MODEL_FILE)
             current = work / plan.dtype / MODEL_FILE
-    spec = spec.with_dtypes(CACHE_DTYPE[plan.dtype], "float32")
+    spec = io_spec(config, cache_dtype=CACHE_DTYPE[plan.dtype])  # the logits stay float32 at every dtype
     with step("save"):
         external = _save_final(current, built / MODEL_FILE, plan.external_data)
         check_graph_io(onnx.load(str(built / MODEL_FILE), load_external_data=False), spec)
@@ -175,7 +175,8 @@ def _build(plan: _Plan, staging: Path, step, result: ExportResult) -> None:
         fusions = result.fused if plan.optimize else None
         manifest = _write_manifest(built, plan, config, spec, external, result.parity, fusions)
     with step("install"):
-        _install(built, plan.out, staging / "previous")
+        _make_shareable(built)
+        install_directory(built, plan.out, overwrite=plan.force)
     result.manifest = manifest
 
 
@@ -184,8 +185,8 @@ def _build(plan: _Plan, staging: Path, step, result: ExportResult) -> None:
 
 def _plan(model_path, out, cooccurrence, dtype, opset, external_data, optimize, verify, force) -> _Plan:
     problems = []
-    if dtype not in DTYPES:
-        problems.append(f"--dtype {dtype!r} is not one of {list(DTYPES)}")
+    if dtype not in WEIGHT_DTYPES:
+        problems.append(f"--dtype {dtype!r} is not one of {list(WEIGHT_DTYPES)}")
     max_opset = onnx.defs.onnx_opset_version()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset:
         problems.append(f"--opset {opset!r} must be an integer in {MIN_OPSET}..{max_opset}")
@@ -315,7 +316,6 @@ def _write_manifest(
     parity: ParityReport | None,
     fused: dict[str, int] | None,
 ) -> Manifest:
-    inputs, outputs = spec.to_manifest()
     heads = config.num_token_heads
     sampling = SamplingConfig() if heads > 1 else SamplingConfig(mode="ar")
     manifest = Manifest(
@@ -342,8 +342,8 @@ def _write_manifest(
             cache_dtype=spec.cache_dtype,
             logits_dtype=spec.logits_dtype,
             opset=plan.opset,
-            inputs=inputs,
-            outputs=outputs,
+            inputs=spec.inputs,
+            outputs=spec.outputs,
         ),
         tokenizer=TOKENIZER_FILE if (built / TOKENIZER_FILE).is_file() else None,
         cooccurrence=COOCCURRENCE_DIR if (built / COOCCURRENCE_DIR).is_dir() else None,
@@ -374,17 +374,3 @@ def _make_shareable(root: Path) -> None:
     """World-readable like any installed file: temp files (onnx's data file, mkstemp) start as 0600."""
     for path in [root, *root.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
-
-
-def _install(built: Path, out: Path, aside: Path) -> None:
-    """Rename the finished artifact to `out`; an old `out` (allowed by --force) is moved aside, restored on failure."""
-    _make_shareable(built)
-    if not (out.exists() or out.is_symlink()):
-        os.replace(built, out)
-        return
-    os.replace(out, aside)
-    try:
-        os.replace(built, out)
-    except BaseException:
-        os.replace(aside, out)
-        raise

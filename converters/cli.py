@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from converters.artifact import DEFAULT_OPSET, DTYPES, EXTERNAL_DATA, ExportResult, export_artifact
+from converters.artifact import DEFAULT_OPSET, EXTERNAL_DATA, ExportResult, export_artifact
 from dynamo_export.errors import DynaMoError
+from runtime.contract import WEIGHT_DTYPES
 from runtime.errors import DynaMoRuntimeError
 
 
@@ -23,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cooccurrence", help="co-occurrence directory from dynamo-cooccur to ship with the model"
     )
-    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="fp16 is for CUDA, int8 for CPU")
+    parser.add_argument("--dtype", choices=WEIGHT_DTYPES, default="fp32", help="fp16 is for CUDA, int8 for CPU")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     parser.add_argument(
         "--external-data",

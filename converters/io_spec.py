@@ -1,139 +1,83 @@
-"""The graph's I/O contract, written once.
+"""The exporter's I/O spec: the graph's contract (runtime/contract.py) for one model config.
 
 One spec (optimum's habit) drives everything that must agree about the graph's
 inputs and outputs: the dynamic axes given to the exporter, the names those axes
 get in the saved graph, the post-export check, the dummy inputs of export and
-verification, and the manifest the runtime reads.
-
-    input_ids                    int64  (batch, seq)
-    attention_mask               int64  (batch, past + seq)
-    position_ids                 int64  (batch, seq)
-    past_key_values.{i}.key      float  (batch, num_heads, past, head_dim)   i = 0 .. num_cache_layers-1
-    past_key_values.{i}.value    float  (batch, num_heads, past, head_dim)
-    ->
-    logits                       float  (batch, n_heads, seq, vocab)
-    present.{i}.key / .value     float  (batch, num_heads, past + seq, head_dim)
-
-Cache layers are ordered stem 0..L-2, head 1's layer, then the extra heads' layers.
+verification, and the manifest the runtime reads. The names, axes, dtypes and the
+cache layout themselves are spelled in runtime/contract.py, which the runtime reads
+too; this module adds what needs a model config or the `onnx` package.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
-from dynamo_export.errors import ExportError
-from runtime.manifest import PAST_KEY, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE, TensorSpec
-
-BATCH = "batch"
-SEQ = "seq"
-PAST = "past"
-TOTAL = "past + seq"  # optimum spells the sum out too; the attention mask and the presents have this length
-
-CACHE_DTYPES = ("float32", "float16")
-_ONNX_DTYPES = {
-    "int64": onnx.TensorProto.INT64,
-    "float32": onnx.TensorProto.FLOAT,
-    "float16": onnx.TensorProto.FLOAT16,
-}
-_NUMPY_DTYPES = {"int64": np.int64, "float32": np.float32, "float16": np.float16}
-
-
-@dataclass(frozen=True)
-class TensorIO:
-    """One graph input or output: dtype is an ONNX-style name; axes hold a named dynamic axis or a fixed size."""
-
-    name: str
-    dtype: str
-    axes: tuple[str | int, ...]
-
-    def shape(self, sizes: dict[str, int]) -> tuple[int, ...]:
-        """Concrete shape for the axis sizes in `sizes` ({'batch': 2, 'seq': 3, 'past': 5}; TOTAL derived)."""
-        sizes = {**sizes, TOTAL: sizes[PAST] + sizes[SEQ]}
-        return tuple(a if isinstance(a, int) else sizes[a] for a in self.axes)
+from converters.errors import ExportError
+from runtime.contract import (
+    ATTENTION_MASK,
+    FLOAT_DTYPES,
+    INPUT_IDS,
+    PAST,
+    PAST_KEY,
+    PAST_VALUE,
+    POSITION_IDS,
+    PRESENT_KEY,
+    PRESENT_VALUE,
+    SEQ,
+    TensorSpec,
+    cache_layer_count,
+    graph_io,
+    interleaved,
+)
 
 
 @dataclass(frozen=True)
 class IOSpec:
-    inputs: tuple[TensorIO, ...]
-    outputs: tuple[TensorIO, ...]
+    """The graph's inputs and outputs, name -> TensorSpec in the graph's order."""
+
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
     num_cache_layers: int
+    cache_dtype: str  # the past/present tensors'
+    logits_dtype: str
 
     @property
     def input_names(self) -> list[str]:
-        return [t.name for t in self.inputs]
+        return list(self.inputs)
 
     @property
     def output_names(self) -> list[str]:
-        return [t.name for t in self.outputs]
-
-    @property
-    def cache_dtype(self) -> str:
-        return self.inputs[-1].dtype
-
-    @property
-    def logits_dtype(self) -> str:
-        return self.outputs[0].dtype
+        return list(self.outputs)
 
     def past_names(self) -> list[str]:
         """Cache inputs in the order the graph takes them: layer 0 key, layer 0 value, layer 1 key, ..."""
-        return [
-            n for i in range(self.num_cache_layers) for n in (PAST_KEY.format(i=i), PAST_VALUE.format(i=i))
-        ]
+        return interleaved(PAST_KEY, PAST_VALUE, self.num_cache_layers)
 
     def present_names(self) -> list[str]:
-        return [
-            n
-            for i in range(self.num_cache_layers)
-            for n in (PRESENT_KEY.format(i=i), PRESENT_VALUE.format(i=i))
-        ]
-
-    def with_dtypes(self, cache_dtype: str, logits_dtype: str) -> IOSpec:
-        """The same contract with float tensors stored as `cache_dtype` (cache) and `logits_dtype` (logits)."""
-        for dtype in (cache_dtype, logits_dtype):
-            if dtype not in CACHE_DTYPES:
-                raise ExportError(f"float I/O dtype must be one of {CACHE_DTYPES}, got {dtype!r}")
-
-        def retype(t: TensorIO) -> TensorIO:
-            if t.dtype == "int64":
-                return t
-            return replace(t, dtype=logits_dtype if t.name == "logits" else cache_dtype)
-
-        return replace(self, inputs=tuple(map(retype, self.inputs)), outputs=tuple(map(retype, self.outputs)))
-
-    def to_manifest(self) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
-        def specs(items):
-            return {t.name: TensorSpec(dtype=t.dtype, axes=list(t.axes)) for t in items}
-
-        return specs(self.inputs), specs(self.outputs)
+        return interleaved(PRESENT_KEY, PRESENT_VALUE, self.num_cache_layers)
 
 
 def io_spec(config, cache_dtype: str = "float32", logits_dtype: str = "float32") -> IOSpec:
-    """The contract for a DynaMoConfig (any object with the same size fields)."""
-    heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
-    num_cache = config.num_hidden_layers + config.num_token_heads - 1
-    cache_in = (BATCH, heads, PAST, head_dim)
-    cache_out = (BATCH, heads, TOTAL, head_dim)
-    inputs = [
-        TensorIO("input_ids", "int64", (BATCH, SEQ)),
-        TensorIO("attention_mask", "int64", (BATCH, TOTAL)),
-        TensorIO("position_ids", "int64", (BATCH, SEQ)),
-    ]
-    outputs = [TensorIO("logits", "float32", (BATCH, config.num_token_heads, SEQ, config.vocab_size))]
-    for i in range(num_cache):
-        inputs += [
-            TensorIO(PAST_KEY.format(i=i), "float32", cache_in),
-            TensorIO(PAST_VALUE.format(i=i), "float32", cache_in),
-        ]
-        outputs += [
-            TensorIO(PRESENT_KEY.format(i=i), "float32", cache_out),
-            TensorIO(PRESENT_VALUE.format(i=i), "float32", cache_out),
-        ]
-    spec = IOSpec(inputs=tuple(inputs), outputs=tuple(outputs), num_cache_layers=num_cache)
-    return spec.with_dtypes(cache_dtype, logits_dtype)
+    """The contract for a DynaMoConfig (any object with the same size fields), float tensors stored as
+    `cache_dtype` (the cache) and `logits_dtype` (the logits)."""
+    for dtype in (cache_dtype, logits_dtype):
+        if dtype not in FLOAT_DTYPES:
+            raise ExportError(f"float I/O dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+    layers = cache_layer_count(config.num_hidden_layers, config.num_token_heads)
+    inputs, outputs = graph_io(
+        num_cache_layers=layers,
+        num_token_heads=config.num_token_heads,
+        num_attention_heads=config.num_attention_heads,
+        head_dim=config.hidden_size // config.num_attention_heads,
+        vocab_size=config.vocab_size,
+        cache_dtype=cache_dtype,
+        logits_dtype=logits_dtype,
+    )
+    return IOSpec(inputs, outputs, layers, cache_dtype, logits_dtype)
 
 
 # -- dummy inputs -----------------------------------------------------------------------------------
@@ -146,21 +90,21 @@ def dummy_inputs(spec: IOSpec, sizes: dict[str, int], vocab_size: int, rng: np.r
     input name that no generator covers fails loudly instead of getting zeros.
     """
     past, seq = sizes[PAST], sizes[SEQ]
-    generators: dict[str, Callable[[TensorIO], np.ndarray]] = {
-        "input_ids": lambda t: rng.integers(0, vocab_size, t.shape(sizes), dtype=np.int64),
-        "attention_mask": lambda t: np.ones(t.shape(sizes), dtype=np.int64),
-        "position_ids": lambda t: np.broadcast_to(
+    generators: dict[str, Callable[[TensorSpec], np.ndarray]] = {
+        INPUT_IDS: lambda t: rng.integers(0, vocab_size, t.shape(sizes), dtype=np.int64),
+        ATTENTION_MASK: lambda t: np.ones(t.shape(sizes), dtype=np.int64),
+        POSITION_IDS: lambda t: np.broadcast_to(
             np.arange(past, past + seq, dtype=np.int64), t.shape(sizes)
         ).copy(),
     }
     for name in spec.past_names():
-        generators[name] = lambda t: rng.standard_normal(t.shape(sizes)).astype(_NUMPY_DTYPES[t.dtype])
-    uncovered = [t.name for t in spec.inputs if t.name not in generators]
+        generators[name] = lambda t: rng.standard_normal(t.shape(sizes)).astype(t.dtype)
+    uncovered = [name for name in spec.inputs if name not in generators]
     if uncovered:
         raise ExportError(
             f"no dummy-input generator for graph inputs {uncovered}; add one in converters/io_spec.py"
         )
-    return {t.name: generators[t.name](t) for t in spec.inputs}
+    return {name: generators[name](t) for name, t in spec.inputs.items()}
 
 
 # -- the post-export check --------------------------------------------------------------------------
@@ -178,26 +122,26 @@ def check_graph_io(model: onnx.ModelProto, spec: IOSpec) -> None:
         ("outputs", spec.outputs, list(model.graph.output)),
     ):
         names = [v.name for v in found]
-        if names != [t.name for t in expected]:
-            missing = [t.name for t in expected if t.name not in names]
-            extra = [n for n in names if n not in {t.name for t in expected}]
+        if names != list(expected):
+            missing = [name for name in expected if name not in names]
+            extra = [name for name in names if name not in expected]
             problems.append(f"{kind}: names differ (missing {missing}, unexpected {extra}, or out of order)")
             continue
-        for t, value in zip(expected, found, strict=True):
-            problems += _tensor_problems(t, value)
+        for (name, t), value in zip(expected.items(), found, strict=True):
+            problems += _tensor_problems(name, t, value)
     if problems:
         raise ExportError("the exported graph breaks the I/O contract: " + "; ".join(problems))
 
 
-def _tensor_problems(t: TensorIO, value: onnx.ValueInfoProto) -> list[str]:
+def _tensor_problems(name: str, t: TensorSpec, value: onnx.ValueInfoProto) -> list[str]:
     tensor_type = value.type.tensor_type
     problems = []
-    if tensor_type.elem_type != _ONNX_DTYPES[t.dtype]:
+    if tensor_type.elem_type != onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)):
         found = onnx.TensorProto.DataType.Name(tensor_type.elem_type).lower()
-        problems.append(f"{t.name}: dtype {found}, expected {t.dtype}")
+        problems.append(f"{name}: dtype {found}, expected {t.dtype}")
     dims = list(tensor_type.shape.dim)
     if len(dims) != len(t.axes):
-        return [*problems, f"{t.name}: rank {len(dims)}, expected {len(t.axes)} {t.axes}"]
+        return [*problems, f"{name}: rank {len(dims)}, expected {len(t.axes)} {t.axes}"]
     for index, (axis, dim) in enumerate(zip(t.axes, dims, strict=True)):
         found = (
             dim.dim_param
@@ -205,5 +149,5 @@ def _tensor_problems(t: TensorIO, value: onnx.ValueInfoProto) -> list[str]:
             else (dim.dim_value if dim.HasField("dim_value") else None)
         )
         if found != axis:
-            problems.append(f"{t.name}: axis {index} is {found!r}, expected {axis!r}")
+            problems.append(f"{name}: axis {index} is {found!r}, expected {axis!r}")
     return problems

@@ -35,8 +35,9 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from converters.io_spec import BATCH, PAST, SEQ, IOSpec, dummy_inputs
-from dynamo_export.errors import ExportError
+from converters.errors import ExportError
+from converters.io_spec import IOSpec, dummy_inputs
+from runtime.contract import BATCH, PAST, SEQ, TOKEN_INPUTS
 
 EXAMPLE_SIZES = {BATCH: 2, SEQ: 3, PAST: 5}
 _SYMBOL = re.compile(r"\b[a-z]\d+\b")
@@ -63,13 +64,12 @@ def export_onnx(model: nn.Module, path: Path, spec: IOSpec, opset: int) -> Path:
     feeds = dummy_inputs(spec, EXAMPLE_SIZES, model.config.vocab_size, rng)
     args = tuple(torch.from_numpy(feeds[name]) for name in spec.input_names)
     dynamic = {
-        t.name: {i: torch.export.Dim.DYNAMIC for i, axis in enumerate(t.axes) if isinstance(axis, str)}
-        for t in spec.inputs
+        name: {i: torch.export.Dim.DYNAMIC for i, axis in enumerate(t.axes) if isinstance(axis, str)}
+        for name, t in spec.inputs.items()
     }
+    # Keyed by FlatCacheModel.forward's parameters, which carry the token inputs' names and *past.
     shapes = {
-        "input_ids": dynamic["input_ids"],
-        "attention_mask": dynamic["attention_mask"],
-        "position_ids": dynamic["position_ids"],
+        **{name: dynamic[name] for name in TOKEN_INPUTS},
         "past": tuple(dynamic[name] for name in spec.past_names()),
     }
     with torch.no_grad(), warnings.catch_warnings(), quiet_loggers("torch.onnx"):
@@ -129,18 +129,16 @@ def name_axes(model: onnx.ModelProto, spec: IOSpec) -> None:
     mapping: dict[str, str] = {}
     problems = []
     found = {v.name: v for v in model.graph.input}
-    for t in spec.inputs:
-        if t.name not in found:
-            problems.append(f"input {t.name} is missing from the exported graph")
+    for name, t in spec.inputs.items():
+        if name not in found:
+            problems.append(f"input {name} is missing from the exported graph")
             continue
-        for index, (axis, dim) in enumerate(
-            zip(t.axes, found[t.name].type.tensor_type.shape.dim, strict=False)
-        ):
+        for index, (axis, dim) in enumerate(zip(t.axes, found[name].type.tensor_type.shape.dim, strict=False)):
             if not isinstance(axis, str):
                 continue
             if not dim.HasField("dim_param"):
                 problems.append(
-                    f"{t.name} axis {index} ({axis!r}) was exported as the fixed size {dim.dim_value}"
+                    f"{name} axis {index} ({axis!r}) was exported as the fixed size {dim.dim_value}"
                 )
             elif mapping.setdefault(dim.dim_param, axis) != axis:
                 problems.append(

@@ -30,8 +30,9 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.transformers import optimizer
 from onnxruntime.transformers.onnx_model import OnnxModel
 
+from converters.errors import ExportError
 from converters.onnx_export import quiet_loggers
-from dynamo_export.errors import ExportError
+from runtime.contract import LOGITS
 
 # ORT's tools log shape-inference doubts ("Unable to determine if past + seq <= past + seq") and advice
 # ("consider pre-processing") at WARNING level, through these loggers and the root logger.
@@ -95,7 +96,7 @@ def to_fp16(src: Path, dst: Path) -> None:
     with quiet_loggers(*_NOISY):
         wrapped.convert_float_to_float16(
             use_symbolic_shape_infer=True,
-            keep_io_types=["logits"],
+            keep_io_types=[LOGITS],
             node_block_list=rotary_nodes(model),
             max_finite_val=FP16_MAX_FINITE,
         )

@@ -25,8 +25,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from converters.errors import ParityError
 from converters.io_spec import IOSpec
-from dynamo_export.errors import ParityError
+from runtime.contract import ATTENTION_MASK, CPU_PROVIDER, CUDA_PROVIDER, INPUT_IDS, LOGITS, POSITION_IDS
 
 PREFILL = 7
 STEPS = (1, 3)
@@ -58,9 +59,9 @@ def provider_for(dtype: str) -> str:
     ONNX Runtime's CPU provider also runs the fp16 graph, so a machine without a
     GPU still checks it; the report names the provider that produced the figures.
     """
-    if dtype == "fp16" and "CUDAExecutionProvider" in ort.get_available_providers():
-        return "CUDAExecutionProvider"
-    return "CPUExecutionProvider"
+    if dtype == "fp16" and CUDA_PROVIDER in ort.get_available_providers():
+        return CUDA_PROVIDER
+    return CPU_PROVIDER
 
 
 @dataclass
@@ -116,7 +117,7 @@ class _Comparison:
             else:
                 self.failures.append(f"{case}: {name} has shape {got[name].shape}, PyTorch {ref[name].shape}")
         for name in same_shape:
-            if name == "logits":
+            if name == LOGITS:
                 self._logits(case, got[name].astype(np.float32), ref[name], queries)
             else:
                 error = np.abs(got[name].astype(np.float32) - ref[name]).transpose(0, 2, 1, 3)  # (B, S, H, D)
@@ -182,7 +183,7 @@ def verify_graph(model, onnx_path: Path, spec: IOSpec, dtype: str, seed: int = 0
             mask = np.concatenate([mask, step_mask], axis=1)
             ids = rng.integers(0, config.vocab_size, (batch, seq), dtype=np.int64)
             positions = np.clip(mask.cumsum(-1) - 1, 0, None)[:, -seq:]
-            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **ort_past}
+            feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask, POSITION_IDS: positions, **ort_past}
             ort_out = session.run(None, feeds)
             ref, torch_past = _torch_step(model, ids, mask, positions, torch_past, spec)
             past = mask.shape[1] - seq
@@ -228,7 +229,7 @@ def _torch_step(model, ids, mask, positions, past, spec: IOSpec):
         )
     presents = [t for key_value in out.past_key_values for t in key_value]
     ref = {
-        "logits": out.logits.numpy(),
+        LOGITS: out.logits.numpy(),
         **{n: t.numpy() for n, t in zip(spec.present_names(), presents, strict=True)},
     }
     return ref, out.past_key_values
@@ -247,9 +248,9 @@ def _greedy(step, past, prompt: list[int]) -> list[int]:
 
 def _ort_greedy_step(session, spec: IOSpec, new: list[int], total: int, past: dict):
     feeds = {
-        "input_ids": np.array([new], dtype=np.int64),
-        "attention_mask": np.ones((1, total), dtype=np.int64),
-        "position_ids": np.arange(total - len(new), total, dtype=np.int64)[None],
+        INPUT_IDS: np.array([new], dtype=np.int64),
+        ATTENTION_MASK: np.ones((1, total), dtype=np.int64),
+        POSITION_IDS: np.arange(total - len(new), total, dtype=np.int64)[None],
         **past,
     }
     out = session.run(None, feeds)

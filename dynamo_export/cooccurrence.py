@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from dynamo_export.errors import CooccurrenceError
 from dynamo_export.tokens import open_tokens, read_token_meta
-from runtime.cooccurrence import SUPPORTED_ORDERS, CooccurrenceMeta, save_cooccurrence
+from runtime.cooccurrence_file import SUPPORTED_ORDERS, CooccurrenceMeta, save_cooccurrence
 from runtime.errors import CooccurrenceFileError
 
 DEFAULT_SHARD_TOKENS = 1 << 22

@@ -14,6 +14,7 @@ import json
 import sys
 
 from runtime.config import MODES, SamplingConfig
+from runtime.contract import PROVIDERS
 from runtime.engine import DynaMoRuntime
 from runtime.errors import DynaMoRuntimeError
 
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="text prompt (needs the artifact's tokenizer)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--seed", type=int)
-    p.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--provider", default="cpu", choices=PROVIDERS)
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's choice)")
     p.add_argument("--mode", choices=MODES)
     p.add_argument("--eps-b", type=float)

@@ -18,6 +18,18 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any, get_type_hints
 
+from runtime.contract import (
+    FLOAT_DTYPES,
+    PAST_KEY,
+    PAST_VALUE,
+    PRESENT_KEY,
+    PRESENT_VALUE,
+    TENSOR_DTYPES,
+    WEIGHT_DTYPES,
+    TensorSpec,
+    cache_layer_count,
+    cache_names,
+)
 from runtime.errors import ArtifactError, ArtifactFileError, ManifestError
 
 MANIFEST_NAME = "manifest.json"
@@ -25,22 +37,6 @@ FORMAT_NAME = "dynamo-export-artifact"
 SCHEMA_VERSION = 1
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_SIZE = 2**31 - 1  # any model size or axis; keeps products of a few of them inside int64
-WEIGHT_DTYPES = ("fp32", "fp16", "int8")
-FLOAT_DTYPES = ("float32", "float16")
-TENSOR_DTYPES = ("int64", "float32", "float16")
-
-PAST_KEY = "past_key_values.{i}.key"
-PAST_VALUE = "past_key_values.{i}.value"
-PRESENT_KEY = "present.{i}.key"
-PRESENT_VALUE = "present.{i}.value"
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """dtype is an ONNX-style name ('int64', 'float32', 'float16'); axes maps axis index -> name or size."""
-
-    dtype: str
-    axes: list
 
 
 @dataclass(frozen=True)
@@ -99,8 +95,7 @@ class Manifest:
 
     def cache_names(self, kind: str) -> list[str]:
         """Names of the cache tensors in layer order; kind in past_key/past_value/present_key/present_value."""
-        pattern = getattr(self.graph, kind)
-        return [pattern.format(i=i) for i in range(self.model.num_cache_layers)]
+        return cache_names(getattr(self.graph, kind), self.model.num_cache_layers)
 
 
 def _parse(cls, raw: Any, where: str):
@@ -175,9 +170,8 @@ def parse_manifest(text: str) -> Manifest:
 
 def _check_consistency(m: Manifest) -> None:
     model = m.model
-    if (
-        model.num_token_heads < 1
-        or model.num_cache_layers != model.num_hidden_layers + model.num_token_heads - 1
+    if model.num_token_heads < 1 or model.num_cache_layers != cache_layer_count(
+        model.num_hidden_layers, model.num_token_heads
     ):
         raise ManifestError(
             f"model: num_cache_layers {model.num_cache_layers} != num_hidden_layers {model.num_hidden_layers} "

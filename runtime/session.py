@@ -22,11 +22,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
+from runtime.contract import (
+    ATTENTION_MASK,
+    CUDA_PROVIDER,
+    INPUT_IDS,
+    LOGITS,
+    ORT_PROVIDERS,
+    ORT_TYPES,
+    POSITION_IDS,
+    PROVIDERS,
+    interleaved,
+)
 from runtime.errors import ArtifactError, GenerationTimeout, InputError, ProviderError
 from runtime.manifest import Manifest
-
-PROVIDERS = ("cpu", "cuda", "auto")
-_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
 
 
 def resolve_provider(provider: str) -> str:
@@ -34,7 +42,7 @@ def resolve_provider(provider: str) -> str:
     if provider not in PROVIDERS:
         raise ProviderError(f"provider={provider!r} is not one of {list(PROVIDERS)}")
     available = ort.get_available_providers()
-    has_cuda = "CUDAExecutionProvider" in available
+    has_cuda = CUDA_PROVIDER in available
     if provider == "auto":
         return "cuda" if has_cuda else "cpu"
     if provider == "cuda" and not has_cuda:
@@ -84,34 +92,27 @@ class GraphSession:
                 raise ProviderError(f"threads={threads!r} must be >= 1 (or None for ONNX Runtime's default)")
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
-        providers = (
-            ["CUDAExecutionProvider", "CPUExecutionProvider"]
-            if self.provider == "cuda"
-            else ["CPUExecutionProvider"]
-        )
         try:
-            self.session = ort.InferenceSession(model_path, sess_options=options, providers=providers)
+            self.session = ort.InferenceSession(
+                model_path, sess_options=options, providers=ORT_PROVIDERS[self.provider]
+            )
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             raise ArtifactError(f"ONNX Runtime could not load {model_path}: {exc}") from exc
         self._check_io()
+        # (key, value) names per layer to feed, and the presents interleaved as the graph returns them.
         self.past_names = list(
             zip(manifest.cache_names("past_key"), manifest.cache_names("past_value"), strict=True)
         )
-        self.present_names = [
-            name
-            for pair in zip(
-                manifest.cache_names("present_key"), manifest.cache_names("present_value"), strict=True
-            )
-            for name in pair
-        ]
+        graph, layers = manifest.graph, manifest.model.num_cache_layers
+        self.present_names = interleaved(graph.present_key, graph.present_value, layers)
         self.cache_dtype = np.dtype(manifest.graph.cache_dtype)
         self._device_id = 0
 
     def _check_io(self) -> None:
         """The graph's inputs/outputs must be exactly the manifest's, with the same dtypes."""
         graph = self.manifest.graph
-        actual_in = {i.name: _ORT_DTYPES.get(i.type, i.type) for i in self.session.get_inputs()}
-        actual_out = {o.name: _ORT_DTYPES.get(o.type, o.type) for o in self.session.get_outputs()}
+        actual_in = {i.name: ORT_TYPES.get(i.type, i.type) for i in self.session.get_inputs()}
+        actual_out = {o.name: ORT_TYPES.get(o.type, o.type) for o in self.session.get_outputs()}
         expected_in = {name: spec.dtype for name, spec in graph.inputs.items()}
         expected_out = {name: spec.dtype for name, spec in graph.outputs.items()}
         problems = []
@@ -130,11 +131,7 @@ class GraphSession:
             )
             if bad:
                 problems.append(f"{kind} dtypes differ: {bad}")
-        logits = (
-            self.session.get_outputs()[[o.name for o in self.session.get_outputs()].index("logits")]
-            if ("logits" in actual_out)
-            else None
-        )
+        logits = next((o for o in self.session.get_outputs() if o.name == LOGITS), None)
         if (
             logits is not None
             and isinstance(logits.shape[-1], int)
@@ -186,11 +183,11 @@ class GraphSession:
         return logits[0]  # (n_heads, T, V)
 
     def _forward_cpu(self, cache, input_ids, attention_mask, position_ids, run_options):
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        feed = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: position_ids}
         for (key_name, value_name), key, value in zip(self.past_names, cache.keys, cache.values, strict=True):
             feed[key_name] = key
             feed[value_name] = value
-        outputs = self.session.run(["logits", *self.present_names], feed, run_options)
+        outputs = self.session.run([LOGITS, *self.present_names], feed, run_options)
         cache.keys[:] = outputs[1::2]
         cache.values[:] = outputs[2::2]
         return outputs[0]
@@ -198,15 +195,15 @@ class GraphSession:
     def _forward_bound(self, cache, input_ids, attention_mask, position_ids, run_options):
         binding = self.session.io_binding()
         for name, array in (
-            ("input_ids", input_ids),
-            ("attention_mask", attention_mask),
-            ("position_ids", position_ids),
+            (INPUT_IDS, input_ids),
+            (ATTENTION_MASK, attention_mask),
+            (POSITION_IDS, position_ids),
         ):
             binding.bind_ortvalue_input(name, self._to_device(array))
         for (key_name, value_name), key, value in zip(self.past_names, cache.keys, cache.values, strict=True):
             binding.bind_ortvalue_input(key_name, key)
             binding.bind_ortvalue_input(value_name, value)
-        binding.bind_output("logits", "cpu")
+        binding.bind_output(LOGITS, "cpu")
         for name in self.present_names:
             binding.bind_output(name, self._device, self._device_id)
         self.session.run_with_iobinding(binding, run_options)

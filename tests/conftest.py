@@ -63,7 +63,7 @@ def tiny_dynamo_dir(tiny_gpt_neox_dir, tmp_path_factory) -> Path:
 
 def _write_cooccurrence(path: Path, vocab_size: int) -> Path:
     """A small valid co-occurrence directory: a few pairs and one triple over `vocab_size` tokens."""
-    from runtime.cooccurrence import save_cooccurrence
+    from runtime.cooccurrence_file import save_cooccurrence
 
     pairs = np.array([1 * vocab_size + 2, 2 * vocab_size + 3, 5 * vocab_size + 7], dtype=np.int64)
     triples = np.array([(1 * vocab_size + 2) * vocab_size + 3], dtype=np.int64)

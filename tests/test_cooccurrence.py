@@ -13,6 +13,7 @@ import pytest
 import scipy.sparse
 
 import runtime.cooccurrence as rc
+import runtime.cooccurrence_file as cf
 from dynamo_export.cli.cooccur import main as cooccur_main
 from dynamo_export.cooccurrence import build_cooccurrence, count_ngrams, ngram_weights
 from dynamo_export.errors import CooccurrenceError
@@ -218,7 +219,7 @@ def _keys(table: dict, vocab: int) -> tuple[np.ndarray, np.ndarray]:
 def _small_dir(tmp_path: Path, name: str = "small", weights_scale: float = 1.0, **kwargs) -> Path:
     out = tmp_path / name
     pair_keys, pair_w = _keys(PAIRS, 4)
-    rc.save_cooccurrence(
+    cf.save_cooccurrence(
         out,
         vocab_size=4,
         num_tokens=100,
@@ -259,7 +260,7 @@ def test_save_load_round_trip(tmp_path):
 
 def test_pairs_only_file(tmp_path):
     out = tmp_path / "pairs-only"
-    rc.save_cooccurrence(
+    cf.save_cooccurrence(
         out,
         vocab_size=4,
         num_tokens=10,
@@ -298,14 +299,14 @@ def test_failed_rename_leaves_old_directory_and_no_staging(tmp_path, monkeypatch
     """A failure while moving the old directory aside, or while moving the new one in, changes nothing."""
     out = _small_dir(tmp_path)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    real_replace = rc.os.replace
+    real_replace = cf.os.replace
 
     def replace(src, dst):
         if Path(src).name.startswith(failing):
             raise OSError("disk full")
         real_replace(src, dst)
 
-    monkeypatch.setattr(rc.os, "replace", replace)
+    monkeypatch.setattr(cf.os, "replace", replace)
     with pytest.raises(OSError, match="disk full"):
         _small_dir(tmp_path, weights_scale=2.0, force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -411,7 +412,7 @@ def test_vocab_mismatch_and_missing_directory(tmp_path):
 
 def test_writer_rejects_inconsistent_tables(tmp_path):
     def save(weights):
-        rc.save_cooccurrence(
+        cf.save_cooccurrence(
             tmp_path / "bad",
             vocab_size=4,
             num_tokens=10,

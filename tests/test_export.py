@@ -26,13 +26,15 @@ from transformers import GPTNeoXForCausalLM
 from converters import artifact
 from converters.artifact import export_artifact
 from converters.cli import main
+from converters.errors import ExportError, ParityError
 from converters.io_spec import io_spec
 from converters.optimize import save_onnx
 from converters.verify import verify_graph
 from dynamo_export import DynaMoForCausalLM
-from dynamo_export.errors import CheckpointError, ExportError, ParityError
+from dynamo_export.errors import CheckpointError
 from runtime.config import SamplingConfig
-from runtime.manifest import TensorSpec, read_manifest, verify_files
+from runtime.contract import TensorSpec
+from runtime.manifest import read_manifest, verify_files
 
 TINY_VOCAB, TINY_HEADS = 100, 3  # tests/conftest.py's tiny models
 CACHE_LAYERS = 3 + TINY_HEADS - 1  # stem 0..1, head 1's layer, two extra heads

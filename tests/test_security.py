@@ -53,8 +53,9 @@ from runtime.errors import (
     ManifestError,
 )
 from runtime.generation import Decoder
-from runtime.graph_checks import check_graph, read_graph
+from runtime.graph_checks import check_graph
 from runtime.manifest import MANIFEST_NAME, inventory, parse_manifest, read_manifest
+from runtime.onnx_reader import read_onnx
 from runtime.session import Deadline
 
 PROMPT = [5, 17, 3, 42, 8]
@@ -149,7 +150,7 @@ def _described_by_onnx(path: Path) -> dict:
 
     def value(v):
         dims = [d.dim_param if d.HasField("dim_param") else d.dim_value for d in v.type.tensor_type.shape.dim]
-        return v.name, v.type.tensor_type.elem_type, dims
+        return v.name, helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name, dims
 
     return {
         "opsets": {o.domain: o.version for o in model.opset_import},
@@ -164,13 +165,13 @@ def _described_by_onnx(path: Path) -> dict:
 
 
 def _described_by_reader(path: Path) -> dict:
-    info = read_graph(path)
+    info = read_onnx(path)
     return {
         "opsets": info.opsets,
         "domains": sorted(info.node_domains),
         "tensors": [(t.name, t.data_type, t.dims, t.external, t.raw_bytes or 0) for t in info.tensors],
-        "inputs": [(v.name, v.elem_type, v.dims) for v in info.inputs],
-        "outputs": [(v.name, v.elem_type, v.dims) for v in info.outputs],
+        "inputs": [(name, spec.dtype, spec.axes) for name, spec in info.inputs],
+        "outputs": [(name, spec.dtype, spec.axes) for name, spec in info.outputs],
     }
 
 
@@ -213,13 +214,13 @@ def test_reader_agrees_with_onnx_on_typed_data_attributes_and_subgraphs(tmp_path
     )
     path = tmp_path / "m.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
-    info = read_graph(path)
+    info = read_onnx(path)
     by_name = {t.name: t for t in info.tensors}
     assert sorted(by_name) == ["big", "cval", "halves", "inner", "words"]
     assert (by_name["words"].typed, by_name["cval"].typed, by_name["big"].typed) == ({6: 2}, {4: 2}, {7: 2})
     assert by_name["halves"].raw_bytes == 6 and by_name["inner"].typed == {7: 3}
     assert "subgraph" in by_name["inner"].where and "attribute 'value'" in by_name["cval"].where
-    assert [(v.name, v.elem_type, v.dims) for v in info.outputs] == [("y", TensorProto.INT64, ["n", 3])]
+    assert [(name, spec.dtype, spec.axes) for name, spec in info.outputs] == [("y", "int64", ["n", 3])]
     assert info.node_domains == {"": 4}  # Constant, If, and the Identity of each branch
 
 
@@ -394,6 +395,13 @@ def _renamed_input(model):
 def test_the_graph_holds_only_what_the_exporter_emits(copy, no_ort, edit, message):
     edit_graph(copy, edit)
     with pytest.raises(GraphError, match=message):
+        DynaMoRuntime.load(copy)
+
+
+def test_a_graph_input_without_a_shape_is_refused(copy, no_ort):
+    edit_graph(copy, lambda m: m.graph.input[0].type.tensor_type.ClearField("shape"))
+    assert read_onnx(copy / "model.onnx").inputs[0] == ("input_ids", None)
+    with pytest.raises(GraphError, match="input_ids: the graph gives it no tensor shape"):
         DynaMoRuntime.load(copy)
 
 
