@@ -1,4 +1,8 @@
-"""One exception hierarchy for the PyTorch side, so callers can catch by kind."""
+"""One exception hierarchy for the PyTorch side, so callers can catch by kind.
+
+The export's errors (ExportError, ParityError) are converters/errors.py's and the
+benchmark's (BenchError) dynamo_bench/errors.py's; both derive from DynaMoError.
+"""
 
 
 class DynaMoError(Exception):
@@ -23,15 +27,3 @@ class TrainingError(DynaMoError):
 
 class DataError(DynaMoError):
     """Text, a tokenizer or the reference corpus for dynamo-data is missing or unusable."""
-
-
-class ExportError(DynaMoError):
-    """An ONNX export was misconfigured, produced a graph that breaks the I/O contract, or could not be written."""
-
-
-class ParityError(ExportError):
-    """The exported graph disagrees with the PyTorch model beyond the tolerance of its dtype."""
-
-
-class BenchError(DynaMoError):
-    """dynamo-bench was given options, prompts or models it cannot benchmark (the message says which)."""

@@ -10,14 +10,14 @@ import pytest
 import torch
 from transformers import GPTNeoXForCausalLM
 
+from dynamo_bench import latency, quality, scale
+from dynamo_bench.benchmark import BenchOptions
+from dynamo_bench.cli import main
+from dynamo_bench.errors import BenchError
+from dynamo_bench.latency import Call, Sample
+from dynamo_bench.prompts import PAPER_PROMPTS, in_domain_prompts
+from dynamo_bench.report import scale_markdown
 from dynamo_export import DynaMoForCausalLM
-from dynamo_export.bench import latency, quality, scale
-from dynamo_export.bench.benchmark import BenchOptions
-from dynamo_export.bench.latency import Call, Sample
-from dynamo_export.bench.prompts import PAPER_PROMPTS, in_domain_prompts
-from dynamo_export.bench.report import scale_markdown
-from dynamo_export.cli.bench import main
-from dynamo_export.errors import BenchError
 from runtime import DynaMoRuntime, SamplingConfig
 
 PROSE = (
@@ -230,7 +230,7 @@ class _FixedJudge:
 
 
 def test_judged_ppl_is_the_token_weighted_mean_nll():
-    from dynamo_export.bench.prompts import Prompt
+    from dynamo_bench.prompts import Prompt
 
     prompts = [Prompt("paper", "p", (1,)), Prompt("in-domain", "q", (2,), (3, 3))]
     calls = [

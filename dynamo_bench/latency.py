@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import psutil
 from tqdm.auto import tqdm
 
-from dynamo_export.bench.prompts import Prompt
+from dynamo_bench.prompts import Prompt
 from runtime import DynaMoRuntime, SamplingConfig
 
 RSS_INTERVAL_S = 0.005

@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dynamo_export.bench import baselines, latency, prompts, quality
-from dynamo_export.bench.env import environment_record
-from dynamo_export.errors import BenchError
+from dynamo_bench import baselines, latency, prompts, quality
+from dynamo_bench.env import environment_record
+from dynamo_bench.errors import BenchError
 from runtime import DynaMoRuntime
 
 SCHEMA = "dynamo-bench/1"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from dynamo_export.errors import BenchError
+from dynamo_bench.errors import BenchError
 
 # DYNAMO.md, "Evaluation": the paper's sentence-completion set.
 PAPER_PROMPTS = (

@@ -5,7 +5,7 @@ Examples:
       --in-domain data/reference/corpus/heldout --threads 1 \\
       --json docs/bench-reference.json --markdown docs/bench-reference.md --plot docs/speedup_vs_quality.png
   dynamo-bench --scale --scale-sizes 70m,160m,410m --markdown docs/bench-scale.md
-See dynamo_export.bench for what every figure means.
+See dynamo_bench for what every figure means.
 """
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dynamo_export.atomic import atomic_write_json, atomic_write_text
-from dynamo_export.bench.benchmark import MODES, BenchOptions, run_benchmark
-from dynamo_export.bench.report import (
+from dynamo_bench.benchmark import MODES, BenchOptions, run_benchmark
+from dynamo_bench.report import (
     bench_markdown,
     plot_speedup_vs_quality,
     scale_markdown,
 )
-from dynamo_export.bench.scale import PYTHIA, run_scale
+from dynamo_bench.scale import PYTHIA, run_scale
 from dynamo_export.errors import DynaMoError
+from runtime.atomic import atomic_write_json, atomic_write_text
+from runtime.contract import DEVICES
 from runtime.errors import DynaMoRuntimeError
 
 
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dynamo-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--artifact", help="the exported artifact directory (dynamo-export's output)")
-    p.add_argument("--provider", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--provider", choices=DEVICES, default="cpu")
     p.add_argument(
         "--threads",
         type=int,

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from converters.artifact import export_artifact
-from dynamo_export.errors import BenchError
+from dynamo_bench.errors import BenchError
 from dynamo_export.modeling import DynaMoForCausalLM
 from runtime import DynaMoRuntime
 from runtime.session import KVCache

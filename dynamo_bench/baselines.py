@@ -25,10 +25,11 @@ import torch
 from transformers import GPTNeoXForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
-from dynamo_export.bench.latency import Sample
+from dynamo_bench.errors import BenchError
+from dynamo_bench.latency import Sample
 from dynamo_export.checkpoint import checkpoint_kind
-from dynamo_export.errors import BenchError
 from runtime import SamplingConfig
+from runtime.contract import ORT_PROVIDERS
 
 
 class _FirstTokenClock(BaseStreamer):
@@ -114,7 +115,7 @@ def optimum_runner(
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    ort_provider = "CUDAExecutionProvider" if provider == "cuda" else "CPUExecutionProvider"
+    ort_provider = ORT_PROVIDERS[provider][0]
     with tempfile.TemporaryDirectory(prefix="dynamo-bench-optimum-") as tmp:
         model.save_pretrained(tmp)  # fp32, local: Optimum never looks at the Hub
         ort_model = ORTModelForCausalLM.from_pretrained(

@@ -1,6 +1,6 @@
 """The benchmark's outputs: JSON for machines, markdown tables for issues, and the speed-up/quality plot.
 
-Everything here only formats what `dynamo_export.bench.benchmark` measured and
+Everything here only formats what `dynamo_bench.benchmark` measured and
 derived; no figure is computed from anything but the result dictionary.
 """
 
@@ -10,7 +10,7 @@ import io
 import os
 from pathlib import Path
 
-from dynamo_export.atomic import atomic_write_bytes
+from runtime.atomic import atomic_write_bytes
 
 __all__ = [
     "bench_markdown",

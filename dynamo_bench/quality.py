@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dynamo_export.bench.latency import Call
-from dynamo_export.bench.prompts import Prompt
+from dynamo_bench.latency import Call
+from dynamo_bench.prompts import Prompt
 from runtime.manifest import MANIFEST_NAME
 
 SEQ_REP_N = 4
