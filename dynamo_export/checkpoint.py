@@ -1,5 +1,9 @@
 """Checkpoint I/O: Pythia/GPT-NeoX -> DynaMo conversion, DynaMo save and load.
 
+The model class is a parameter, not an import: DynaMoForCausalLM's own
+`from_gpt_neox` / `from_pretrained` / `save_pretrained` call these functions, so the
+model definition (modeling.py) stands above its checkpoint I/O and not beside it.
+
 Loading foreign weights is explicit (STYLE.md, nanoGPT): every GPT-NeoX tensor
 has exactly one destination, key counts and shapes are asserted, and anything
 missing, unexpected or mis-shaped is listed in the error. Weights are read with
@@ -12,18 +16,14 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedModel
 
-from dynamo_export.atomic import atomic_directory
 from dynamo_export.config import HEAD_INITS, DynaMoConfig
 from dynamo_export.errors import CheckpointError
-
-if TYPE_CHECKING:
-    from dynamo_export.modeling import DynaMoForCausalLM
+from runtime.atomic import atomic_directory
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -101,14 +101,15 @@ def load_base_model(path_or_model) -> GPTNeoXForCausalLM:
     )
 
 
-def convert_gpt_neox(path_or_model, num_token_heads: int = 3, head_init: str = "random") -> DynaMoForCausalLM:
-    from dynamo_export.modeling import DynaMoForCausalLM
-
+def convert_gpt_neox(
+    model_class: type[PreTrainedModel], path_or_model, num_token_heads: int = 3, head_init: str = "random"
+) -> PreTrainedModel:
+    """A `model_class` (DynaMoForCausalLM) built from a GPT-NeoX checkpoint directory or instance."""
     if head_init not in HEAD_INITS:
         raise CheckpointError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
     base = load_base_model(path_or_model)
     config = dynamo_config_from_gpt_neox(base.config, num_token_heads, head_init)
-    model = DynaMoForCausalLM(config)
+    model = model_class(config)
 
     mapping = gpt_neox_key_map(config.num_hidden_layers)
     source = base.state_dict()
@@ -163,9 +164,10 @@ def _check_keys(found: dict, expected: dict, skip: set[str], source: str) -> Non
         )
 
 
-def load_dynamo(path: str | os.PathLike, dtype: torch.dtype | None = None) -> DynaMoForCausalLM:
-    from dynamo_export.modeling import DynaMoForCausalLM
-
+def load_dynamo(
+    model_class: type[PreTrainedModel], path: str | os.PathLike, dtype: torch.dtype | None = None
+) -> PreTrainedModel:
+    """A `model_class` (DynaMoForCausalLM) with the weights of a DynaMo checkpoint directory, strictly checked."""
     path = Path(path)
     if checkpoint_kind(path) != "dynamo":
         raise CheckpointError(
@@ -182,7 +184,7 @@ def load_dynamo(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Dy
         state = load_file(weights)
     except Exception as exc:  # safetensors raises its own SafetensorError for corrupt headers
         raise CheckpointError(f"{weights} is not a readable safetensors file: {exc}") from exc
-    model = DynaMoForCausalLM(config)
+    model = model_class(config)
     _check_keys(state, model.state_dict(), skip=set(), source=str(weights))
     model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
     if dtype is not None:
@@ -191,8 +193,9 @@ def load_dynamo(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Dy
     return model.eval()
 
 
-def save_dynamo(model: DynaMoForCausalLM, directory: str | os.PathLike, overwrite: bool = False,
-                dtype: torch.dtype | None = None) -> Path:
+def save_dynamo(
+    model: PreTrainedModel, directory: str | os.PathLike, overwrite: bool = False, dtype: torch.dtype | None = None
+) -> Path:
     """Write config.json + model.safetensors (+ tokenizer files) atomically: temp dir, then rename."""
     directory = Path(directory)
     if directory.exists() and not overwrite:

@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer, GPTNeoXRotaryEmbedding
 
+from dynamo_export.checkpoint import convert_gpt_neox, load_dynamo, save_dynamo
 from dynamo_export.config import DynaMoConfig
 
 KeyValue = tuple[torch.Tensor, torch.Tensor]
@@ -194,23 +195,17 @@ class DynaMoForCausalLM(DynaMoPreTrainedModel):
     @classmethod
     def from_gpt_neox(cls, path_or_model, num_token_heads: int = 3, head_init: str = "random"):
         """Build a DynaMo model from a GPT-NeoX (Pythia) checkpoint directory or instance."""
-        from dynamo_export.checkpoint import convert_gpt_neox
-
-        return convert_gpt_neox(path_or_model, num_token_heads=num_token_heads, head_init=head_init)
+        return convert_gpt_neox(cls, path_or_model, num_token_heads=num_token_heads, head_init=head_init)
 
     @classmethod
     def from_pretrained(cls, path, torch_dtype: torch.dtype | None = None, **unused):
         """Load a DynaMo checkpoint directory (config.json + model.safetensors), strictly checked."""
-        from dynamo_export.checkpoint import load_dynamo
-
         if unused:
             raise TypeError(f"unsupported from_pretrained options: {sorted(unused)}")
-        return load_dynamo(path, dtype=torch_dtype)
+        return load_dynamo(cls, path, dtype=torch_dtype)
 
     def save_pretrained(self, save_directory, overwrite: bool = False, dtype: torch.dtype | None = None, **unused):
         """Save atomically; an existing directory is replaced only with overwrite=True."""
-        from dynamo_export.checkpoint import save_dynamo
-
         if unused:
             raise TypeError(f"unsupported save_pretrained options: {sorted(unused)}")
         return save_dynamo(self, save_directory, overwrite=overwrite, dtype=dtype)
