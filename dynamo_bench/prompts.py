@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 
 from dynamo_bench.errors import BenchError
 
-# DYNAMO.md, "Evaluation": the paper's sentence-completion set.
+# docs/METHOD.md, "Evaluation": the paper's sentence-completion set.
 PAPER_PROMPTS = (
     "I am a student at the",
     "This is going to be a very",

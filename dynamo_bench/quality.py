@@ -23,7 +23,7 @@ among those whose judged PPL (all prompts, all seeds) is within `tolerance`
 (the paper's definition of speed-up). Both come with the per-seed judged PPLs
 and the number of seeds on which the 5% criterion holds seed by seed.
 
-PPL_d (DYNAMO.md: "perplexity of what dynamic generation emits at a given
+PPL_d (docs/METHOD.md: "perplexity of what dynamic generation emits at a given
 eps_b"), defined here as: the judge's perplexity of the tokens a runner emits
 when it continues held-out prefixes (the in-domain prompt set: the first tokens
 of held-out paragraphs), pooled over prompts and seeds. The judge's perplexity

@@ -1,6 +1,6 @@
 """Count adjacent n-grams of a token file and write the co-occurrence weights W the runtime masks with.
 
-Definitions (DYNAMO.md, "Co-occurrence weighted masking"), for a token file x_0 .. x_{N-1}:
+Definitions (docs/METHOD.md, "Co-occurrence weighted masking"), for a token file x_0 .. x_{N-1}:
 
 - An n-gram never crosses a document boundary: the end-of-text id may appear only as
   its last token. (x, eot) is counted — a multi-token emission may end a document —
@@ -15,7 +15,7 @@ Definitions (DYNAMO.md, "Co-occurrence weighted masking"), for a token file x_0 
 - min_count K keeps the pairs and triples seen at least K times. N, N_2, N_3 and the
   unigram counts are corpus totals taken before the filter, so filtering removes
   entries without changing the surviving weights. Since count(a,b) >= count(a,b,c),
-  the prefix pair of every surviving triple survives too (runtime/cooccurrence.py's
+  the prefix pair of every surviving triple survives too (runtime/cooccurrence_file.py's
   triple layout relies on it).
 
 Counting is a map-reduce over base-V int64 keys (a*V + b, (a*V + b)*V + c):

@@ -1,6 +1,6 @@
 """DynaMoForCausalLM: a GPT-NeoX stem with n token heads predicting t+1..t+n.
 
-Data flow (DYNAMO.md, "Model"):
+Data flow (docs/METHOD.md, "Model"):
 
     input_ids -> embed_in -> stem layers 0..L-2 -> stem_out
     head 1: stem_out            -> base layer L-1 -> final LN ┐
@@ -73,7 +73,7 @@ class _ScaleGradient(torch.autograd.Function):
 
 
 def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Let heads 2..n train the stem at LR_MB instead of LR_B (DYNAMO.md [ours])."""
+    """Let heads 2..n train the stem at LR_MB instead of LR_B (docs/METHOD.md, "Training")."""
     if scale == 1.0 or not torch.is_grad_enabled():
         return x
     return _ScaleGradient.apply(x, scale)
