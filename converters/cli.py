@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cooccurrence", help="co-occurrence directory from dynamo-cooccur to ship with the model"
     )
-    parser.add_argument("--dtype", choices=WEIGHT_DTYPES, default="fp32", help="fp16 is for CUDA, int8 for CPU")
+    parser.add_argument(
+        "--dtype", choices=WEIGHT_DTYPES, default="fp32", help="fp16 is for CUDA, int8 for CPU"
+    )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     parser.add_argument(
         "--external-data",

@@ -133,7 +133,9 @@ def name_axes(model: onnx.ModelProto, spec: IOSpec) -> None:
         if name not in found:
             problems.append(f"input {name} is missing from the exported graph")
             continue
-        for index, (axis, dim) in enumerate(zip(t.axes, found[name].type.tensor_type.shape.dim, strict=False)):
+        for index, (axis, dim) in enumerate(
+            zip(t.axes, found[name].type.tensor_type.shape.dim, strict=False)
+        ):
             if not isinstance(axis, str):
                 continue
             if not dim.HasField("dim_param"):
