@@ -368,6 +368,299 @@ static PyTypeObject StepperType = {
     .tp_methods = stepper_methods,
 };
 
+/* Verifier(k, n_drafts, pair_indptr, pair_indices, pair_values, triple_indptr, triple_indices,
+ *          triple_values), then .configure(temperature, penalty, weighted, greedy): verify mode's
+ * stages (draft, check, residual) for one stream, holding the tables and its scratch like Stepper.
+ *
+ * .draft(logits, after, seen, extra, random, q_ids, q_probs) -> (tokens, orders): one draft per
+ * row of logits (heads 2.., n_drafts rows) after `after`, q of each written to row j of q_ids
+ * (int64) / q_probs (float64), both n_drafts x k. seen marks the generated tokens (one byte per
+ * token), extra (int64) holds more of them.
+ * .check(logits, drafts, q_ids, q_probs, seen, extra, random) -> (tokens, accepted): head 1's rows
+ * (one per draft and one more) against the drafts (int64) and their q.
+ * Both: None when a row's logits are unusable, NotImplemented for logits they do not read; a
+ * draft of probability 0 under its own q is a ValueError. runtime/verify.py is the numpy twin. */
+typedef struct {
+    PyObject_HEAD
+    Buffers held;
+    Workspace w;
+    Py_ssize_t k, n_drafts;
+    double temperature, penalty;
+    int weighted, greedy, configured;
+    void *select;    /* _marginals.c's scratch */
+    int64_t *ids;    /* k: one row's candidates */
+    double *probs;   /* k: their marginals */
+    double *target;  /* k: head 1's sampling distribution at a fed position */
+    double *scratch; /* 3 k: the residual's */
+    int64_t *words;  /* draft_scratch_words: the lookups' */
+} Verifier;
+
+static void verifier_dealloc(Verifier *self) {
+    void *owned[] = {self->w.rank, self->select, self->ids, self->probs, self->target, self->scratch, self->words};
+    for (size_t i = 0; i < sizeof(owned) / sizeof(owned[0]); i++) PyMem_Free(owned[i]);
+    release(&self->held);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int verifier_init(Verifier *self, PyObject *args, PyObject *kwargs) {
+    Buffers b;
+    memset(&b, 0, sizeof(b));
+    Py_ssize_t k, n_drafts;
+    int result = -1;
+    if (self->w.rank) return fail("Verifier: already initialised");
+    if (kwargs && PyDict_GET_SIZE(kwargs)) return fail("Verifier: positional arguments only");
+    if (!PyArg_ParseTuple(args, "nny*y*y*y*y*y*", &k, &n_drafts, &b.pair_indptr, &b.pair_indices, &b.pair_values,
+                          &b.triple_indptr, &b.triple_indices, &b.triple_values))
+        goto done;
+    Py_ssize_t vocab = b.pair_indptr.len / (Py_ssize_t)sizeof(int64_t) - 1;
+    if (n_drafts < 1 || n_drafts > MAX_ORDER || k < 1 || k > vocab) {
+        fail("Verifier: needs 1 to 3 drafts and 1 <= k <= vocab");
+        goto done;
+    }
+    if (tables_agree(&b, vocab, &self->w.pairs, &self->w.triples) < 0) goto done;
+    self->k = k;
+    self->n_drafts = n_drafts;
+    self->w.vocab = vocab;
+    self->w.rank = PyMem_Malloc((size_t)vocab * sizeof(int32_t));
+    self->select = PyMem_Malloc(marginals_scratch_bytes(vocab, k));
+    self->ids = PyMem_Malloc((size_t)k * sizeof(int64_t));
+    self->probs = PyMem_Malloc((size_t)k * sizeof(double));
+    self->target = PyMem_Malloc((size_t)k * sizeof(double));
+    self->scratch = PyMem_Malloc((size_t)(3 * k) * sizeof(double));
+    self->words = PyMem_Calloc(draft_scratch_words(vocab, k), sizeof(int64_t));
+    if (!self->w.rank || !self->select || !self->ids || !self->probs || !self->target || !self->scratch ||
+        !self->words) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t v = 0; v < vocab; v++) self->w.rank[v] = -1;
+    self->held = b;
+    memset(&b, 0, sizeof(b));
+    result = 0;
+done:
+    release(&b);
+    return result;
+}
+
+static PyObject *verifier_configure(Verifier *self, PyObject *args) {
+    if (!self->w.rank) {
+        fail("Verifier: not initialised");
+        return NULL;
+    }
+    double temperature, penalty;
+    int weighted, greedy;
+    if (!PyArg_ParseTuple(args, "ddii", &temperature, &penalty, &weighted, &greedy)) return NULL;
+    if (!(temperature > 0) || !(penalty >= 1)) {
+        fail("Verifier.configure: needs temperature > 0 and penalty >= 1");
+        return NULL;
+    }
+    self->temperature = temperature;
+    self->penalty = penalty;
+    self->weighted = weighted;
+    self->greedy = greedy;
+    self->configured = 1;
+    return Py_NewRef(Py_None);
+}
+
+/* What draft and check share: the logits' rows, the seen mask, the extra tokens. */
+typedef struct {
+    Py_buffer logits, seen, extra;
+    Py_ssize_t rows, vocab, row_stride;
+} Inputs;
+
+static void release_inputs(Inputs *in) {
+    PyBuffer_Release(&in->logits);
+    PyBuffer_Release(&in->seen);
+    PyBuffer_Release(&in->extra);
+}
+
+/* 0; 1 when the logits are a layout the kernel does not read; -1 with an error set. */
+static int get_inputs(Verifier *self, PyObject *logits, PyObject *seen, PyObject *extra, Inputs *in) {
+    memset(in, 0, sizeof(*in));
+    if (!self->configured) return fail("Verifier: not configured");
+    if (get_rows(logits, &in->logits, &in->rows, &in->vocab, &in->row_stride) < 0) {
+        if (!PyErr_ExceptionMatches(PyExc_ValueError)) return -1;
+        PyErr_Clear();
+        return 1;
+    }
+    if (PyObject_GetBuffer(seen, &in->seen, PyBUF_SIMPLE) < 0 || PyObject_GetBuffer(extra, &in->extra, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (in->vocab != self->w.vocab || in->seen.len != in->vocab || in->extra.len % (Py_ssize_t)sizeof(int64_t))
+        return fail("Verifier: logits of the tables' vocabulary, seen one byte per token, extra int64 ids");
+    const int64_t *ids = in->extra.buf;
+    for (Py_ssize_t i = 0; i < in->extra.len / (Py_ssize_t)sizeof(int64_t); i++)
+        if (ids[i] < 0 || ids[i] >= in->vocab) return fail("Verifier: an extra token is outside the vocabulary");
+    return 0;
+}
+
+static PyObject *as_tuple(const int64_t *values, Py_ssize_t n) {
+    PyObject *tuple = PyTuple_New(n);
+    for (Py_ssize_t i = 0; tuple && i < n; i++) {
+        PyObject *item = PyLong_FromLongLong(values[i]);
+        if (!item) {
+            Py_CLEAR(tuple);
+            break;
+        }
+        PyTuple_SET_ITEM(tuple, i, item);
+    }
+    return tuple;
+}
+
+static PyObject *verifier_draft(Verifier *self, PyObject *args) {
+    PyObject *logits_obj, *seen_obj, *extra_obj, *random;
+    long long after;
+    Py_buffer q_ids = {0}, q_probs = {0};
+    Inputs in;
+    PyObject *result = NULL;
+    Py_ssize_t k = self->k;
+    if (!PyArg_ParseTuple(args, "OLOOOw*w*", &logits_obj, &after, &seen_obj, &extra_obj, &random, &q_ids, &q_probs))
+        return NULL;
+    int got = get_inputs(self, logits_obj, seen_obj, extra_obj, &in);
+    if (got != 0) {
+        if (got == 1) result = Py_NewRef(Py_NotImplemented);
+        goto done;
+    }
+    Py_ssize_t n = in.rows;
+    if (n < 1 || n > self->n_drafts || after < 0 || after >= in.vocab || !PyCallable_Check(random) ||
+        q_ids.len < n * k * (Py_ssize_t)sizeof(int64_t) || q_probs.len < n * k * (Py_ssize_t)sizeof(double)) {
+        fail("Verifier.draft: 1..n_drafts rows, `after` in the vocabulary, q buffers of rows x k");
+        goto done;
+    }
+    int64_t prefix[MAX_ORDER + 1] = {after}, orders[MAX_ORDER];
+    for (Py_ssize_t j = 0; j < n; j++) {
+        int64_t *ids = (int64_t *)q_ids.buf + j * k;
+        double *q = (double *)q_probs.buf + j * k;
+        if (row_marginals((const float *)in.logits.buf + j * in.row_stride, in.vocab, k, self->temperature, ids,
+                          self->probs, self->select) < 0) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        orders[j] = stage_draft(&self->w, ids, self->probs, k, prefix, (int)(j + 1), self->weighted, in.seen.buf,
+                                in.extra.buf, in.extra.len / (Py_ssize_t)sizeof(int64_t), self->penalty, q,
+                                self->words);
+        Py_ssize_t pick = stage_draw(q, k, self->greedy, random);
+        if (pick == -2) goto done;
+        prefix[j + 1] = ids[pick];
+    }
+    PyObject *tokens = as_tuple(prefix + 1, n), *used = as_tuple(orders, n);
+    if (tokens && used) result = PyTuple_Pack(2, tokens, used);
+    Py_XDECREF(tokens);
+    Py_XDECREF(used);
+done:
+    release_inputs(&in);
+    PyBuffer_Release(&q_ids);
+    PyBuffer_Release(&q_probs);
+    return result;
+}
+
+static int listed(const int64_t *list, Py_ssize_t n, int64_t token) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (list[i] == token) return 1;
+    return 0;
+}
+
+/* target = head 1's top-k over the penalty where generated (draws.penalised; x / 1.0 is x). */
+static void head1_weights(Verifier *self, const uint8_t *seen, const int64_t *context, Py_ssize_t n_context) {
+    for (Py_ssize_t i = 0; i < self->k; i++) {
+        int generated = seen[self->ids[i]] || listed(context, n_context, self->ids[i]);
+        self->target[i] = self->probs[i] / (generated && self->penalty != 1.0 ? self->penalty : 1.0);
+    }
+}
+
+static PyObject *verifier_check(Verifier *self, PyObject *args) {
+    PyObject *logits_obj, *seen_obj, *extra_obj, *random;
+    Py_buffer drafts = {0}, q_ids = {0}, q_probs = {0};
+    Inputs in;
+    PyObject *result = NULL;
+    Py_ssize_t k = self->k;
+    if (!PyArg_ParseTuple(args, "Oy*y*y*OOO", &logits_obj, &drafts, &q_ids, &q_probs, &seen_obj, &extra_obj, &random))
+        return NULL;
+    int got = get_inputs(self, logits_obj, seen_obj, extra_obj, &in);
+    if (got != 0) {
+        if (got == 1) result = Py_NewRef(Py_NotImplemented);
+        goto done;
+    }
+    Py_ssize_t m = drafts.len / (Py_ssize_t)sizeof(int64_t), n_extra = in.extra.len / (Py_ssize_t)sizeof(int64_t);
+    if (m > self->n_drafts || in.rows != m + 1 || drafts.len % (Py_ssize_t)sizeof(int64_t) ||
+        q_ids.len != m * k * (Py_ssize_t)sizeof(int64_t) || q_probs.len != m * k * (Py_ssize_t)sizeof(double) ||
+        !PyCallable_Check(random)) {
+        fail("Verifier.check: one row of head-1 logits per draft and one more, q of drafts x k");
+        goto done;
+    }
+    /* The penalty's context at position j: the mask, extra, and the drafts before j. */
+    int64_t context[64 + MAX_ORDER], out[MAX_ORDER + 1];
+    if (n_extra > 64) {
+        fail("Verifier.check: at most 64 extra tokens");
+        goto done;
+    }
+    memcpy(context, in.extra.buf, (size_t)n_extra * sizeof(int64_t));
+    const int64_t *draft = drafts.buf;
+    Py_ssize_t accepted = 0;
+    int64_t last = -1;
+    for (Py_ssize_t j = 0; j <= m; j++) {
+        if (row_marginals((const float *)in.logits.buf + j * in.row_stride, in.vocab, k, self->temperature, self->ids,
+                          self->probs, self->select) < 0) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        if (j == m || self->greedy) { /* the bonus token, or greedy's: head 1's own draw over the penalty */
+            head1_weights(self, in.seen.buf, context, n_extra + j);
+            Py_ssize_t pick = stage_draw(self->target, k, self->greedy, random);
+            if (pick == -2) goto done;
+            last = self->ids[pick];
+            if (j == m || last != draft[j]) break;
+        } else {
+            const int64_t *qi = (const int64_t *)q_ids.buf + j * k;
+            const double *qp = (const double *)q_probs.buf + j * k;
+            stage_target(self->ids, self->probs, k, in.seen.buf, context, n_extra + j, self->penalty, self->target);
+            int passed = stage_check(self->ids, self->target, qi, qp, k, draft[j], random);
+            if (passed == -2) goto done;
+            if (passed == -1) {
+                fail("Verifier.check: a draft token has probability 0 under its own draft distribution");
+                goto done;
+            }
+            if (!passed) {
+                last = stage_residual(self->ids, self->target, qi, qp, k, self->scratch, random);
+                if (last == -2) goto done;
+                break;
+            }
+        }
+        out[j] = draft[j];
+        context[n_extra + j] = draft[j];
+        accepted++;
+    }
+    out[accepted] = last;
+    PyObject *tokens = as_tuple(out, accepted + 1);
+    if (tokens) result = Py_BuildValue("(Nn)", tokens, accepted);
+done:
+    release_inputs(&in);
+    PyBuffer_Release(&drafts);
+    PyBuffer_Release(&q_ids);
+    PyBuffer_Release(&q_probs);
+    return result;
+}
+
+static PyMethodDef verifier_methods[] = {
+    {"configure", (PyCFunction)verifier_configure, METH_VARARGS,
+     "configure(temperature, penalty, weighted, greedy): the coming passes' settings."},
+    {"draft", (PyCFunction)verifier_draft, METH_VARARGS,
+     "draft(logits, after, seen, extra, random, q_ids, q_probs) -> (tokens, orders)."},
+    {"check", (PyCFunction)verifier_check, METH_VARARGS,
+     "check(logits, drafts, q_ids, q_probs, seen, extra, random) -> (tokens, accepted)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject VerifierType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "runtime._native.Verifier",
+    .tp_doc = "One stream's compiled verify stages (see runtime/native.py).",
+    .tp_basicsize = sizeof(Verifier),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)verifier_init,
+    .tp_dealloc = (destructor)verifier_dealloc,
+    .tp_methods = verifier_methods,
+};
+
 /* marginals(logits, k, temperature, ids, probs) -> whether every row was usable: per row of
  * logits (get_rows), the k best tokens by (-logit, id) into
  * ids (rows x k, int64) and their softmax(logits / temperature) into probs (float64); see
@@ -410,6 +703,19 @@ done:
 #define STAGE_ADDRESS(name) (void (*)(void))stage_##name,
 static const char *const stage_names[] = {DYNAMIC_STAGES(STAGE_NAME)};
 static void (*const stage_functions[])(void) = {DYNAMIC_STAGES(STAGE_ADDRESS)};
+static const char *const verify_stage_names[] = {VERIFY_STAGES(STAGE_NAME)};
+static void (*const verify_stage_functions[])(void) = {VERIFY_STAGES(STAGE_ADDRESS)};
+
+/* A tuple of the names whose functions exist (every one, or the build would have failed). */
+static PyObject *stage_tuple(const char *const *names, void (*const *functions)(void), size_t count) {
+    PyObject *tuple = PyTuple_New((Py_ssize_t)count);
+    for (size_t i = 0; tuple && i < count; i++) {
+        PyObject *name = functions[i] ? PyUnicode_FromString(names[i]) : NULL;
+        if (!name) Py_CLEAR(tuple);
+        else PyTuple_SET_ITEM(tuple, (Py_ssize_t)i, name);
+    }
+    return tuple;
+}
 
 static PyMethodDef methods[] = {
     {"marginals", marginals, METH_VARARGS, "Each row's top-k ids and softmax probabilities (see runtime/native.py)."},
@@ -420,20 +726,18 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "runtime._native", NULL, -1, methods};
 
 PyMODINIT_FUNC PyInit__native(void) {
-    if (PyType_Ready(&StepperType) < 0) return NULL;
+    if (PyType_Ready(&StepperType) < 0 || PyType_Ready(&VerifierType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
-    size_t count = sizeof(stage_names) / sizeof(stage_names[0]);
-    PyObject *names = PyTuple_New((Py_ssize_t)count);
-    for (size_t i = 0; names && i < count; i++) {
-        PyObject *name = stage_functions[i] ? PyUnicode_FromString(stage_names[i]) : NULL;
-        if (!name) Py_CLEAR(names);
-        else PyTuple_SET_ITEM(names, (Py_ssize_t)i, name);
-    }
-    if (!names || PyModule_AddObject(m, "STAGES", names) < 0 ||
-        PyModule_AddObjectRef(m, "Stepper", (PyObject *)&StepperType) < 0) {
-        Py_XDECREF(names);
+    PyObject *dynamic = stage_tuple(stage_names, stage_functions, sizeof(stage_names) / sizeof(stage_names[0]));
+    PyObject *verify = stage_tuple(verify_stage_names, verify_stage_functions,
+                                   sizeof(verify_stage_names) / sizeof(verify_stage_names[0]));
+    if (!dynamic || !verify || PyModule_AddObjectRef(m, "STAGES", dynamic) < 0 ||
+        PyModule_AddObjectRef(m, "VERIFY_STAGES", verify) < 0 ||
+        PyModule_AddObjectRef(m, "Stepper", (PyObject *)&StepperType) < 0 ||
+        PyModule_AddObjectRef(m, "Verifier", (PyObject *)&VerifierType) < 0)
         Py_CLEAR(m);
-    }
+    Py_XDECREF(dynamic);
+    Py_XDECREF(verify);
     return m;
 }

@@ -532,3 +532,133 @@ Py_ssize_t stage_draw(const double *weights, Py_ssize_t n, int greedy, PyObject 
     }
     return last;
 }
+
+/* --- verify ------------------------------------------------------------------------------------ */
+
+/* The entry of pair (a, b) in the pair table, -1 when it is not stored: a row's columns ascend. */
+static int64_t pair_entry_of(const Table *pairs, int64_t a, int64_t b) {
+    int64_t lo = pairs->indptr[a], hi = pairs->indptr[a + 1];
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo) / 2;
+        if (column(pairs, mid, pairs->narrow) < b) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo < pairs->indptr[a + 1] && column(pairs, lo, pairs->narrow) == b ? lo : -1;
+}
+
+/* weighted[j] = probs[j] W(row's context, ids[j]) for the candidates stored in `row` of `t`, 0
+ * for the others; whether any was stored with a positive running sum (grid.running_sum). */
+static int weigh_row(const Workspace *w, const Table *t, int64_t row, const int64_t *ids, const double *probs,
+                     Py_ssize_t k, double *weighted, int64_t *scratch) {
+    int64_t *entry = scratch, *base = entry + k; /* base: k + 1 slots */
+    Py_ssize_t *found = (Py_ssize_t *)(base + k + 1);
+    Candidates cand = {(uint64_t *)(found + k), w->rank};
+    set_candidates(&cand, ids, k, 1);
+    Py_ssize_t n_found = row_entries(t, row, ids, k, &cand, entry, found, base, NULL);
+    set_candidates(&cand, ids, k, 0);
+    if (!n_found) return 0;
+    for (Py_ssize_t j = 0; j < k; j++) weighted[j] = 0.0;
+    for (Py_ssize_t f = 0; f < n_found; f++) weighted[found[f]] = probs[found[f]] * (double)t->values[entry[found[f]]];
+    double total = 0.0;
+    for (Py_ssize_t j = 0; j < k; j++) total += weighted[j];
+    return total > 0;
+}
+
+size_t draft_scratch_words(Py_ssize_t vocab, Py_ssize_t k) { return (size_t)(4 * k + 1 + vocab / 64 + 1); }
+
+/* Whether `token` is generated: in the mask, or among the extra tokens. */
+static int is_seen(int64_t token, const uint8_t *generated, const int64_t *extra, Py_ssize_t n_extra) {
+    if (generated[token]) return 1;
+    for (Py_ssize_t i = 0; i < n_extra; i++)
+        if (extra[i] == token) return 1;
+    return 0;
+}
+
+/* weights / penalty where generated (draws.penalised; x / 1.0 is x), over their running sum. */
+static void penalise_normalise(const int64_t *ids, const double *weights, Py_ssize_t k, const uint8_t *generated,
+                               const int64_t *extra, Py_ssize_t n_extra, double penalty, double *out) {
+    double total = 0.0;
+    for (Py_ssize_t j = 0; j < k; j++) {
+        double x = weights[j];
+        if (penalty != 1.0 && is_seen(ids[j], generated, extra, n_extra)) x = x / penalty;
+        out[j] = x;
+        total += x;
+    }
+    for (Py_ssize_t j = 0; j < k; j++) out[j] = out[j] / total;
+}
+
+int stage_draft(const Workspace *w, const int64_t *ids, const double *probs, Py_ssize_t k, const int64_t *prefix,
+                int n_prefix, int weighted, const uint8_t *generated, const int64_t *extra, Py_ssize_t n_extra,
+                double penalty, double *q, int64_t *scratch) {
+    const double *weights = probs;
+    int order = 1;
+    double *found = q; /* the weighted marginal, before the penalty: normalised in place below */
+    if (weighted) {
+        int longest = w->triples.rows ? 2 : 1;
+        for (int length = n_prefix < longest ? n_prefix : longest; length >= 1; length--) {
+            int64_t last = prefix[n_prefix - 1];
+            if (length == 2) {
+                int64_t entry = pair_entry_of(&w->pairs, prefix[n_prefix - 2], last);
+                if (entry < 0 || !weigh_row(w, &w->triples, entry, ids, probs, k, found, scratch)) continue;
+            } else if (!weigh_row(w, &w->pairs, last, ids, probs, k, found, scratch)) {
+                continue;
+            }
+            weights = found;
+            order = length + 1;
+            break;
+        }
+    }
+    int64_t *seen_extra = scratch; /* the extra tokens and the prefix, as one list */
+    for (Py_ssize_t i = 0; i < n_extra; i++) seen_extra[i] = extra[i];
+    for (int i = 0; i < n_prefix; i++) seen_extra[n_extra + i] = prefix[i];
+    penalise_normalise(ids, weights, k, generated, seen_extra, n_extra + n_prefix, penalty, q);
+    return order;
+}
+
+void stage_target(const int64_t *ids, const double *probs, Py_ssize_t k, const uint8_t *generated,
+                  const int64_t *extra, Py_ssize_t n_extra, double penalty, double *p) {
+    penalise_normalise(ids, probs, k, generated, extra, n_extra, penalty, p);
+}
+
+/* The probability of `token` under a distribution over `ids` (0 off its candidates). */
+static double probability_of(const int64_t *ids, const double *probs, Py_ssize_t k, int64_t token) {
+    for (Py_ssize_t j = 0; j < k; j++)
+        if (ids[j] == token) return probs[j];
+    return 0.0;
+}
+
+int stage_check(const int64_t *p_ids, const double *p, const int64_t *q_ids, const double *q, Py_ssize_t k,
+                int64_t token, PyObject *random) {
+    double q_x = probability_of(q_ids, q, k, token);
+    if (!(q_x > 0)) return -1;
+    PyObject *drawn = PyObject_CallNoArgs(random);
+    if (!drawn) return -2;
+    double u = PyFloat_AsDouble(drawn);
+    Py_DECREF(drawn);
+    if (u == -1.0 && PyErr_Occurred()) return -2;
+    return !(u >= probability_of(p_ids, p, k, token) / q_x);
+}
+
+int64_t stage_residual(const int64_t *p_ids, const double *p, const int64_t *q_ids, const double *q, Py_ssize_t k,
+                       double *scratch, PyObject *random) {
+    int64_t *ids = (int64_t *)scratch; /* p's candidates in ascending id order, then the residual */
+    double *left = scratch + k, *sorted_p = left + k;
+    for (Py_ssize_t j = 0; j < k; j++) { /* insertion sort: k <= 100, ids distinct */
+        Py_ssize_t at = j;
+        while (at > 0 && ids[at - 1] > p_ids[j]) {
+            ids[at] = ids[at - 1];
+            sorted_p[at] = sorted_p[at - 1];
+            at--;
+        }
+        ids[at] = p_ids[j];
+        sorted_p[at] = p[j];
+    }
+    int any = 0;
+    for (Py_ssize_t j = 0; j < k; j++) {
+        double d = sorted_p[j] - probability_of(q_ids, q, k, ids[j]);
+        left[j] = d > 0.0 ? d : 0.0;
+        any |= left[j] != 0.0;
+    }
+    Py_ssize_t pick = stage_draw(any ? left : sorted_p, k, 0, random);
+    return pick < 0 ? -2 : ids[pick];
+}

@@ -15,6 +15,7 @@
  * without its function does not compile. */
 #define DYNAMIC_STAGES(X) \
     X(propose) X(joint) X(weight) X(static_threshold) X(adaptive_threshold) X(penalty) X(backoff) X(draw)
+#define VERIFY_STAGES(X) X(draft) X(check) X(residual)
 
 /* A CSR table. Its column indices are uint16 where the vocabulary allows (runtime/cooccurrence.py
  * narrows them): half the bytes to scan, and a row of a dozen entries then fits one cache line. */
@@ -106,5 +107,33 @@ int stage_backoff(const Workspace *w, const Grid *g);
 /* draw: over weights[0..n): the first argmax if greedy, else one call of `random` and the first
  * running sum above u * (running total). The index, or -2 with a Python error set. */
 Py_ssize_t stage_draw(const double *weights, Py_ssize_t n, int greedy, PyObject *random);
+
+/* --- verify --- */
+
+/* Words of scratch stage_draft needs for `k` candidates over a vocabulary of `vocab`. */
+size_t draft_scratch_words(Py_ssize_t vocab, Py_ssize_t k);
+
+/* draft: q over one draft head's candidates (ids, probs: its top-k) after the fixed tokens
+ * prefix[0..n_prefix) (head 1's choice, then the earlier drafts): probs times W(s, c) for the
+ * longest suffix s of the prefix whose n-gram is stored for a candidate (when `weighted`),
+ * divided by the penalty where the candidate is generated (the mask, `extra`, the prefix),
+ * over its running sum. The order used (len(s) + 1, or 1 for the marginal). */
+int stage_draft(const Workspace *w, const int64_t *ids, const double *probs, Py_ssize_t k, const int64_t *prefix,
+                int n_prefix, int weighted, const uint8_t *generated, const int64_t *extra, Py_ssize_t n_extra,
+                double penalty, double *q, int64_t *scratch);
+
+/* The target of a check: head 1's top-k probs divided by the penalty where generated, normalised. */
+void stage_target(const int64_t *ids, const double *probs, Py_ssize_t k, const uint8_t *generated,
+                  const int64_t *extra, Py_ssize_t n_extra, double penalty, double *p);
+
+/* check: whether draft `token`, drawn from q, passes against the target p: one call of `random`,
+ * accepted iff u < p(token) / q(token). 1 / 0; -1 when q(token) = 0; -2 with a Python error. */
+int stage_check(const int64_t *p_ids, const double *p, const int64_t *q_ids, const double *q, Py_ssize_t k,
+                int64_t token, PyObject *random);
+
+/* residual: a token from norm(max(0, p - q)) over p's candidates in ascending id order (p itself
+ * where rounding leaves nothing), one call of `random`; -2 with a Python error. scratch: 3 k. */
+int64_t stage_residual(const int64_t *p_ids, const double *p, const int64_t *q_ids, const double *q, Py_ssize_t k,
+                       double *scratch, PyObject *random);
 
 #endif

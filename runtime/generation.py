@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -27,58 +26,9 @@ from runtime.draws import sample_ar
 from runtime.dynamic import DynamicSampler
 from runtime.errors import GenerationTimeout
 from runtime.session import Deadline, GraphSession
-from runtime.tokensets import SeenTokens, TokenSet, tokens_plus
-from runtime.verify import Draft, draft_tokens, verify_drafts
-
-
-@dataclass
-class GenerationStats:
-    forward_passes: int = 0
-    emissions: dict[int, int] = field(
-        default_factory=dict
-    )  # tokens the sampler emitted in one pass -> passes
-    backoffs: int = 0  # dynamic: times n was lowered, summed over passes
-    drafted: int = 0  # verify: drafts checked
-    accepted: int = 0  # verify: drafts accepted
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    first_pass_tokens: int = 0
-    prefill_s: float = 0.0  # first pass: prompt through the graph + first sampling
-    decode_s: float = 0.0  # every later pass
-    decode_ort_s: float = 0.0
-    decode_sampling_s: float = 0.0
-    stop_reason: str = ""  # max_new_tokens | stop | context
-
-    @property
-    def tokens_per_pass(self) -> float:
-        return self.new_tokens / self.forward_passes if self.forward_passes else 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        total = self.prefill_s + self.decode_s
-        return self.new_tokens / total if total > 0 else 0.0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        """Tokens after the first pass over the time after it: the steady-state speed."""
-        later = self.new_tokens - self.first_pass_tokens
-        return later / self.decode_s if self.decode_s > 0 else 0.0
-
-    @property
-    def sampling_share(self) -> float:
-        """Sampling time over ONNX Runtime time during decode (the issue's budget is 0.15)."""
-        return self.decode_sampling_s / self.decode_ort_s if self.decode_ort_s > 0 else 0.0
-
-    def to_dict(self) -> dict:
-        fields_ = {k: v for k, v in vars(self).items() if k != "emissions"}
-        return {
-            **fields_,
-            "emissions": {str(k): v for k, v in sorted(self.emissions.items())},
-            "tokens_per_pass": self.tokens_per_pass,
-            "tokens_per_s": self.tokens_per_s,
-            "decode_tokens_per_s": self.decode_tokens_per_s,
-            "sampling_share": self.sampling_share,
-        }
+from runtime.stats import GenerationStats
+from runtime.tokensets import SeenTokens, tokens_plus
+from runtime.verify import Draft, Verifier
 
 
 class Decoder:
@@ -102,6 +52,7 @@ class Decoder:
         self.stop_ids = stop_ids
         self.deadline = deadline
         self.sampler = DynamicSampler()
+        self.verifier = Verifier()
         self.cache = session.empty_cache()
         self.context_length = session.manifest.model.context_length
         self.n_heads = session.manifest.model.num_token_heads
@@ -158,7 +109,7 @@ class Decoder:
             return []
         if self.config.mode == "verify" and self.draft is not None:
             keep = min(len(self.draft.tokens), room - len(self.to_feed))
-            self.draft = Draft(self.draft.tokens[:keep], self.draft.dists[:keep])
+            self.draft = Draft(self.draft.tokens[:keep], self.draft.dists[:keep], self.draft.orders[:keep])
             return [*self.to_feed, *self.draft.tokens]
         return list(self.to_feed)
 
@@ -174,7 +125,7 @@ class Decoder:
         if self.config.mode != "verify":
             return self._choose(last)
         token = sample_ar(last[0], self.seen, self.config, self.rng)
-        self.draft = self._draft(last, tokens_plus(self.seen, [token]))
+        self.draft = self._draft(last, [token])
         return [token]
 
     def _choose(self, last: np.ndarray) -> list[int]:
@@ -184,25 +135,32 @@ class Decoder:
         self.stats.backoffs += result.backoffs
         return list(result.tokens)
 
-    def _draft(self, last: np.ndarray, context: TokenSet) -> Draft | None:
-        return draft_tokens(last[1:], context, self.config, self.rng) if self.n_heads > 1 else None
+    def _draft(self, last: np.ndarray, emitted: list[int]) -> Draft | None:
+        """Drafts from heads 2..n at the position before the last of `emitted`, which they follow."""
+        if self.n_heads == 1:
+            return None
+        draft = self.verifier.draft(
+            last[1:], emitted[-1], tokens_plus(self.seen, emitted), self.masks, self.config, self.rng
+        )
+        for order in draft.orders:
+            self.stats.draft_orders[order] = self.stats.draft_orders.get(order, 0) + 1
+        return draft
 
     def _verify(self, logits: np.ndarray, feed: list[int]) -> list[int]:
         """Check the drafts fed after the last accepted token; mask the slots of rejected ones."""
         draft = self.draft
         if draft is None or not draft.tokens:
             token = sample_ar(logits[0, -1], self.seen, self.config, self.rng)
-            self.draft = self._draft(logits[:, -1], tokens_plus(self.seen, [token]))
+            self.draft = self._draft(logits[:, -1], [token])
             return [token]
         first = len(feed) - len(draft.tokens) - 1  # row of head 1 that predicts the first draft
-        verdict = verify_drafts(logits[0, first:], draft, self.seen, self.config, self.rng)
-        self.stats.drafted += len(draft.tokens)
-        self.stats.accepted += verdict.accepted
+        verdict = self.verifier.check(logits[0, first:], draft, self.seen, self.masks, self.config, self.rng)
+        self.stats.record_check(len(draft.tokens), verdict.accepted)
         rejected = len(draft.tokens) - verdict.accepted
         if rejected:
             self.cache.live[-rejected:] = bytes(rejected)
             self.next_position -= rejected
-        self.draft = self._draft(logits[:, first + verdict.accepted], tokens_plus(self.seen, verdict.tokens))
+        self.draft = self._draft(logits[:, first + verdict.accepted], list(verdict.tokens))
         return list(verdict.tokens)
 
     def _accept(self, tokens: list[int]) -> list[int]:

@@ -26,7 +26,7 @@ import numpy as np
 
 from runtime.config import SamplingConfig
 from runtime.errors import SamplingError
-from runtime.stages import DYNAMIC_STAGES, GRID_STAGES, check_implements, kernel_covers
+from runtime.stages import DYNAMIC_STAGES, GRID_STAGES, VERIFY_STAGES, check_implements, kernel_covers
 
 if os.environ.get("DYNAMO_NATIVE", "1") == "0":  # opt out, e.g. to compare the two paths
     _native = None
@@ -39,6 +39,7 @@ else:
 AVAILABLE = _native is not None
 if _native is not None:  # the kernel's stage functions, in the list's order (runtime/_stages.h)
     check_implements("runtime/_stages.c", dict.fromkeys(_native.STAGES), DYNAMIC_STAGES)
+    check_implements("runtime/_stages.c", dict.fromkeys(_native.VERIFY_STAGES), VERIFY_STAGES)
 UNUSABLE_LOGITS = "logits contain NaN or +inf; the model output is unusable"
 # Grids above this many cells (top_k > 128 at three heads) take the numpy path: the
 # kernel's scratch is 8 words and a byte per cell.
@@ -211,9 +212,7 @@ class NativeSampler:
         to. None where the kernel does not read the logits (`reads`). Raises SamplingError for
         unusable logits.
         """
-        if logits.dtype == np.float16:  # exact in float32: the kernel reads it, to the numpy path's bits
-            logits = logits.astype(np.float32)
-        tokens = self._stepper.step(logits, seen, rng.random)
+        tokens = self._stepper.step(_readable(logits), seen, rng.random)
         if tokens is NotImplemented:
             return None
         if tokens is None:
@@ -241,3 +240,82 @@ class NativeSampler:
 
     def _scratch(self) -> tuple[np.ndarray, ...]:
         return self._cells, self._values, self._work, self._iwork, self._flags, self._pair_grid
+
+
+_MAX_DRAFTS = 3  # the kernel's MAX_ORDER: heads 2..4
+
+
+class NativeVerifier:
+    """The kernel's verify stages for one stream (`_native.Verifier`: draft, check, residual in C,
+    to the bits of runtime/verify.py's numpy functions), built for the last masks, drafts and k."""
+
+    def __init__(self) -> None:
+        self._verifier = None
+        self._built_for: tuple = (None, 0, 0)
+        self._config: SamplingConfig | None = None
+
+    def ready(self, masks, config: SamplingConfig, n_drafts: int, k: int, vocab: int) -> bool:
+        """Whether the kernel covers these drafts (configuring it for `config` when it does)."""
+        if not (
+            AVAILABLE
+            and 1 <= n_drafts <= _MAX_DRAFTS
+            and (masks is None or (hasattr(masks, "csr_tables") and kernel_covers(VERIFY_STAGES, config)))
+        ):
+            return False
+        if self._built_for != (masks, k, vocab):
+            tables = masks.csr_tables() if masks is not None else _no_tables(vocab)
+            self._verifier = _native.Verifier(k, _MAX_DRAFTS, *tables)
+            self._built_for, self._config = (masks, k, vocab), None
+        if config != self._config:
+            weighted = masks is not None and config.alpha_c == 1
+            self._verifier.configure(
+                float(config.temperature or 1.0), float(config.repetition_penalty), int(weighted), int(config.greedy)
+            )
+            self._config = config
+        return True
+
+    def draft(self, logits: np.ndarray, after: int, seen: np.ndarray, extra: np.ndarray, rng: np.random.Generator):
+        """(tokens, orders, q_ids, q_probs) for the draft rows `logits`; None for logits it does not read."""
+        k = self._built_for[1]
+        q_ids = np.empty((logits.shape[0], k), dtype=np.int64)
+        q_probs = np.empty((logits.shape[0], k), dtype=np.float64)
+        found = self._verifier.draft(_readable(logits), int(after), seen, extra, rng.random, q_ids, q_probs)
+        if found is NotImplemented:
+            return None
+        if found is None:
+            raise SamplingError(UNUSABLE_LOGITS)
+        return (*found, q_ids, q_probs)
+
+    def check(
+        self,
+        logits: np.ndarray,
+        drafts: np.ndarray,
+        q_ids: np.ndarray,
+        q_probs: np.ndarray,
+        seen: np.ndarray,
+        extra: np.ndarray,
+        rng: np.random.Generator,
+    ) -> tuple[tuple[int, ...], int] | None:
+        """(tokens, accepted) of head 1's rows `logits` against the drafts; None for unread logits."""
+        try:
+            found = self._verifier.check(_readable(logits), drafts, q_ids, q_probs, seen, extra, rng.random)
+        except ValueError as exc:
+            if "probability 0" in str(exc):
+                raise SamplingError(str(exc)) from exc
+            raise
+        if found is NotImplemented:
+            return None
+        if found is None:
+            raise SamplingError(UNUSABLE_LOGITS)
+        return found
+
+
+def _readable(logits: np.ndarray) -> np.ndarray:
+    """float16 logits as float32 (exact): the kernel reads them, to the numpy path's bits."""
+    return logits.astype(np.float32) if logits.dtype == np.float16 else logits
+
+
+def _no_tables(vocab: int) -> CsrTables:
+    """Empty co-occurrence tables over `vocab` tokens: drafts from the marginals alone."""
+    no_index, no_value = np.empty(0, np.int32), np.empty(0, np.float32)
+    return CsrTables(np.zeros(vocab + 1, np.int64), no_index, no_value, np.zeros(1, np.int64), no_index, no_value)

@@ -78,6 +78,16 @@ def tokens_plus(generated: Generated, extra: Sequence[int]) -> ExtendedTokens:
     return ExtendedTokens(token_set(generated), extra)
 
 
+def mask_and_extra(generated: Generated, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """`generated` as a (vocab,) bool mask and an int64 array of more ids (what the compiled
+    verify stages read): a decoder's set plus a few tokens without copying its mask."""
+    extra: list[int] = []
+    while isinstance(generated, ExtendedTokens):
+        extra.extend(generated.extra)
+        generated = generated.base
+    return seen_mask(generated, vocab), np.array([t for t in extra if 0 <= t < vocab], dtype=np.int64)
+
+
 def seen_mask(generated: Generated, vocab: int) -> np.ndarray:
     """`generated` as a (vocab,) bool membership mask (what the compiled kernel reads)."""
     if isinstance(generated, SeenTokens):

@@ -5,27 +5,41 @@
     residual: at the first rejection, one token from norm(max(0, p - q)) ends the pass
 
 The emitted tokens are distributed exactly as `ar` sampling from head 1 gives them, for
-any draft distribution q that is known; docs/METHOD.md says which q the drafts use.
+any draft distribution q that is known. The drafts come from DynaMo's own joint conditioned
+on what is already fixed (docs/METHOD.md, "Verify mode"): head i's marginal f_i over its
+top-k times the co-occurrence weight of the n-gram its token would complete,
+
+    q_2(b) ~ f_2(b) W(a, b) ** alpha_c,   q_3(c) ~ f_3(c) W(a, b, c) ** alpha_c
+
+with a the token head 1 just chose and b the draft before, each divided by the repetition
+penalty where the token was generated (or drafted before it) and normalised over the top-k.
+Where the masks hold no entry of that n-gram for any candidate, q falls back to a shorter
+context (W(b, c) for head 3), then to the marginal; alpha_c = 0 gives the marginal drafts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from runtime import draws
+from runtime import draws, native
 from runtime.config import SamplingConfig
 from runtime.errors import SamplingError
+from runtime.grid import CooccurrenceWeights, running_sum
 from runtime.marginals import TopK, check_logits, head_topk, heads_topk
 from runtime.stages import VERIFY_STAGES, check_implements
-from runtime.tokensets import ExtendedTokens, Generated, token_set
+from runtime.tokensets import ExtendedTokens, Generated, TokenSet, mask_and_extra, token_set
+
+MARGINAL = 1  # a draft's `order` when no co-occurrence weight applied
 
 
 @dataclass(frozen=True)
 class Draft:
     tokens: tuple[int, ...]  # drafted tokens, in order
     dists: tuple[TopK, ...]  # the normalised distribution each was drawn from (q)
+    orders: tuple[int, ...] = ()  # the n-gram order whose weights shaped each q (MARGINAL: none)
 
 
 @dataclass(frozen=True)
@@ -40,28 +54,70 @@ def ar_distribution(logits_row: np.ndarray, generated: Generated, config: Sampli
 
 
 def _normalised(top: TopK, generated: Generated, config: SamplingConfig) -> TopK:
-    weights = draws.penalised(top, token_set(generated), config)
-    return TopK(top.ids, weights / weights.sum())
+    return _normalise(top.ids, draws.penalised(top, token_set(generated), config))
+
+
+def _normalise(ids: np.ndarray, weights: np.ndarray) -> TopK:
+    """weights over their running sum (the order the compiled kernel adds in)."""
+    return TopK(ids, weights / running_sum(weights))
+
+
+def draft_distribution(
+    top: TopK,
+    prefix: Sequence[int],
+    generated: TokenSet,
+    masks: CooccurrenceWeights | None,
+    config: SamplingConfig,
+) -> tuple[TopK, int]:
+    """(q, order) for a draft head's candidates `top` after the fixed tokens `prefix`.
+
+    q(c) = f(c) * W(s, c) ** alpha_c / penalty ** [c generated], normalised over the top-k,
+    with s the longest suffix of `prefix` (up to the masks' longest order minus one) whose
+    n-gram is stored for at least one candidate; order = len(s) + 1, or MARGINAL (W = 1)
+    where no suffix is, or alpha_c = 0, or there are no masks.
+    """
+    weights, order = top.probs, MARGINAL
+    if masks is not None and config.alpha_c > 0:
+        for length in range(min(len(prefix), max(masks.orders) - 1), 0, -1):
+            if length + 1 not in masks.orders:
+                continue
+            cells, found = masks.hits([np.array([t], dtype=np.int64) for t in prefix[-length:]] + [top.ids])
+            if not cells.size:
+                continue
+            if config.alpha_c != 1:  # in float64: masks store float32
+                found = np.power(found, config.alpha_c, dtype=np.float64)
+            weighted = np.zeros(top.ids.size)
+            weighted[cells] = top.probs[cells] * found
+            if running_sum(weighted) > 0:  # (not every weighted candidate underflowed)
+                weights, order = weighted, length + 1
+                break
+    return _normalise(top.ids, draws.penalised(TopK(top.ids, weights), generated, config)), order
 
 
 def draft_tokens(
     head_logits: np.ndarray,
+    after: int,
     generated: Generated,
+    masks: CooccurrenceWeights | None,
     config: SamplingConfig,
     rng: np.random.Generator,
 ) -> Draft:
-    """One draft per row of `head_logits` (heads 2..n at one position), each drawn from its head's
-    `ar_distribution` with the earlier drafts counted as generated; greedy drafts take the argmax."""
+    """One draft per row of `head_logits` (heads 2..n at the position before `after`, the token
+    head 1 just chose), each drawn from `draft_distribution` after `after` and the earlier
+    drafts, which also count as generated for the penalty; greedy drafts take q's argmax."""
     head_logits = check_logits(head_logits)
     context = token_set(generated)
-    tokens, dists = [], []
-    # Every head's top-k in one call: the penalty, which depends on the earlier drafts, comes after.
+    tokens: list[int] = []
+    dists, orders = [], []
+    # Every head's top-k in one call: the weights and the penalty, which depend on the earlier
+    # drafts, come after.
     for top in heads_topk(head_logits, config.top_k, config.temperature or 1.0):
-        dist = _normalised(top, ExtendedTokens(context, tokens), config)
-        token = int(dist.ids[draws.draw(dist.probs, config.greedy, rng)])
-        tokens.append(token)
+        prefix = [after, *tokens]
+        dist, order = draft_distribution(top, prefix, ExtendedTokens(context, prefix), masks, config)
+        tokens.append(int(dist.ids[draws.draw(dist.probs, config.greedy, rng)]))
         dists.append(dist)
-    return Draft(tuple(tokens), tuple(dists))
+        orders.append(order)
+    return Draft(tuple(tokens), tuple(dists), tuple(orders))
 
 
 def verify_drafts(
@@ -138,4 +194,65 @@ def draw_residual(p: TopK, q: TopK, rng: np.random.Generator) -> int:
 
 
 NUMPY_STAGES = {"draft": draft_tokens, "check": verify_drafts, "residual": draw_residual}
+
+
+class Verifier:
+    """verify mode's stages for one stream: in one kernel call each for the drafts and the check
+    where runtime/native.py covers the settings, else the numpy functions above, to the same bits
+    (not thread-safe: the kernel keeps its scratch)."""
+
+    def __init__(self, use_native: bool = True) -> None:
+        self._native = native.NativeVerifier() if use_native and native.AVAILABLE else None
+
+    def draft(
+        self,
+        head_logits: np.ndarray,
+        after: int,
+        generated: Generated,
+        masks: CooccurrenceWeights | None,
+        config: SamplingConfig,
+        rng: np.random.Generator,
+    ) -> Draft:
+        """`draft_tokens`: heads 2..n's drafts after `after`."""
+        head_logits = check_logits(head_logits)
+        n, vocab = head_logits.shape
+        k = min(config.top_k, vocab)
+        if self._native is not None and self._native.ready(masks, config, n, k, vocab):
+            found = self._native.draft(head_logits, after, *mask_and_extra(generated, vocab), rng)
+            if found is not None:
+                tokens, orders, ids, probs = found
+                return Draft(tokens, tuple(TopK(i, p) for i, p in zip(ids, probs, strict=True)), orders)
+        return draft_tokens(head_logits, after, generated, masks, config, rng)
+
+    def check(
+        self,
+        head1_logits: np.ndarray,
+        draft: Draft,
+        generated: Generated,
+        masks: CooccurrenceWeights | None,
+        config: SamplingConfig,
+        rng: np.random.Generator,
+    ) -> Verified:
+        """`verify_drafts`: head 1's rows against the drafts."""
+        head1_logits = check_logits(head1_logits)
+        m, vocab = len(draft.tokens), head1_logits.shape[1]
+        k = min(config.top_k, vocab)
+        if (
+            self._native is not None
+            and m
+            and head1_logits.shape[0] == m + 1
+            and all(q.ids.size == k for q in draft.dists)
+            and self._native.ready(masks, config, m, k, vocab)
+        ):
+            found = self._native.check(
+                head1_logits,
+                np.asarray(draft.tokens, dtype=np.int64),
+                np.stack([q.ids for q in draft.dists]).astype(np.int64, copy=False),
+                np.stack([q.probs for q in draft.dists]).astype(np.float64, copy=False),
+                *mask_and_extra(generated, vocab),
+                rng,
+            )
+            if found is not None:
+                return Verified(*found)
+        return verify_drafts(head1_logits, draft, generated, config, rng)
 check_implements("runtime/verify.py", NUMPY_STAGES, VERIFY_STAGES)

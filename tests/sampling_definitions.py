@@ -111,3 +111,21 @@ def exact_otsu_split(counts):
         if best_score is None or score > best_score:
             best, best_score = split, score
     return best
+
+
+class FakeModel:
+    """Logits of every head as a fixed random function of the prefix (a stand-in for a network)."""
+
+    def __init__(self, vocab: int, n_heads: int, seed: int, scale: float = 2.0) -> None:
+        self.vocab, self.n_heads, self.seed, self.scale = vocab, n_heads, seed, scale
+        self._cache: dict[tuple[int, ...], np.ndarray] = {}
+
+    def __call__(self, prefix) -> np.ndarray:
+        key = tuple(int(t) for t in prefix)
+        if key not in self._cache:
+            rng = np.random.default_rng([self.seed, len(key), *key])
+            logits = rng.normal(size=(self.n_heads, self.vocab)) * self.scale
+            for head in range(self.n_heads):  # head i leans to last + i: drafts get accepted sometimes
+                logits[head, (key[-1] + head + 1) % self.vocab] += 2.0
+            self._cache[key] = logits.astype(np.float32)
+        return self._cache[key]
