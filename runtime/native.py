@@ -269,12 +269,17 @@ class NativeVerifier:
         if config != self._config:
             weighted = masks is not None and config.alpha_c == 1
             self._verifier.configure(
-                float(config.temperature or 1.0), float(config.repetition_penalty), int(weighted), int(config.greedy)
+                float(config.temperature or 1.0),
+                float(config.repetition_penalty),
+                int(weighted),
+                int(config.greedy),
             )
             self._config = config
         return True
 
-    def draft(self, logits: np.ndarray, after: int, seen: np.ndarray, extra: np.ndarray, rng: np.random.Generator):
+    def draft(
+        self, logits: np.ndarray, after: int, seen: np.ndarray, extra: np.ndarray, rng: np.random.Generator
+    ):
         """(tokens, orders, q_ids, q_probs) for the draft rows `logits`; None for logits it does not read."""
         k = self._built_for[1]
         q_ids = np.empty((logits.shape[0], k), dtype=np.int64)
@@ -318,4 +323,6 @@ def _readable(logits: np.ndarray) -> np.ndarray:
 def _no_tables(vocab: int) -> CsrTables:
     """Empty co-occurrence tables over `vocab` tokens: drafts from the marginals alone."""
     no_index, no_value = np.empty(0, np.int32), np.empty(0, np.float32)
-    return CsrTables(np.zeros(vocab + 1, np.int64), no_index, no_value, np.zeros(1, np.int64), no_index, no_value)
+    return CsrTables(
+        np.zeros(vocab + 1, np.int64), no_index, no_value, np.zeros(1, np.int64), no_index, no_value
+    )

@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 @dataclass
 class GenerationStats:
     forward_passes: int = 0
-    emissions: dict[int, int] = field(default_factory=dict)  # tokens the sampler emitted in one pass -> passes
+    # tokens the sampler emitted in one pass -> passes
+    emissions: dict[int, int] = field(default_factory=dict)
     backoffs: int = 0  # dynamic: times n was lowered, summed over passes
     drafted: int = 0  # verify: drafts fed to the graph
     accepted: int = 0  # verify: drafts accepted
     checked_at: list[int] = field(default_factory=list)  # verify: per draft position, times it was checked
     accepted_at: list[int] = field(default_factory=list)  # verify: per draft position, times it passed
-    draft_orders: dict[int, int] = field(default_factory=dict)  # n-gram order that shaped a draft's q -> drafts
+    # verify: the n-gram order whose weights shaped a draft's q (1: the marginal) -> drafts
+    draft_orders: dict[int, int] = field(default_factory=dict)
     prompt_tokens: int = 0
     new_tokens: int = 0
     first_pass_tokens: int = 0

@@ -255,4 +255,6 @@ class Verifier:
             if found is not None:
                 return Verified(*found)
         return verify_drafts(head1_logits, draft, generated, config, rng)
+
+
 check_implements("runtime/verify.py", NUMPY_STAGES, VERIFY_STAGES)
