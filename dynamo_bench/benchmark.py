@@ -6,7 +6,8 @@ The steps (each in its own module):
    `verify`; with a base checkpoint, Optimum's ORTModelForCausalLM and PyTorch (baselines.py);
 3. timing (latency.py): warm-up, then interleaved rounds over prompts x seeds;
 4. quality (quality.py): the judge scores the first round's generations;
-5. derived figures: speed-ups, the same-quality speed-up, PPL_d; plus the environment record (env.py).
+5. derived figures: speed-ups, the same-quality speed-up, PPL_d, verify's speculative figures and
+   its greedy agreement with ar (speculative.py); plus the environment record (env.py).
 The result is one JSON-ready dictionary; report.py turns it into markdown and a plot.
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dynamo_bench import baselines, latency, prompts, quality
+from dynamo_bench import baselines, latency, prompts, quality, speculative
 from dynamo_bench.env import environment_record
 from dynamo_bench.errors import BenchError
 from runtime import DynaMoRuntime
@@ -97,7 +98,9 @@ def _runtime_runners(options: BenchOptions, rt: DynaMoRuntime) -> tuple[dict, di
     if "dynamic" in options.modes:
         configs.update({f"dynamic eps_b={e:g}": base.replace(mode="dynamic", eps_b=e) for e in options.eps_b})
     if "verify" in options.modes:
-        configs["verify"] = base.replace(mode="verify")
+        configs["verify"] = base.replace(mode="verify")  # drafts from the conditioned joint
+        if base.alpha_c != 0 and rt.masks is not None:  # the comparison: drafts from the marginals
+            configs["verify alpha_c=0"] = base.replace(mode="verify", alpha_c=0.0)
     meta = {
         k: {
             "kind": "runtime",
@@ -192,6 +195,10 @@ def run_benchmark(options: BenchOptions) -> dict:
         "runners": runs,
         "speedups": speedups,
         "same_quality": quality.same_quality(qualities, speedups, tokens_per_pass, sweep, options.tolerance),
+        "speculative": speculative.figures(runs, speedups),
+        "greedy_verify_equals_ar": (
+            speculative.greedy_agreement(rt, chosen, options.max_new_tokens) if "verify" in runs else None
+        ),
         "ppl_d": quality.ppl_d(
             qualities, sweep, quality.reference_ppl(in_domain, score) if in_domain else None
         ),

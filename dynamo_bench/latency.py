@@ -20,7 +20,8 @@ of a rate):
 - ort_share / sampling_share: shares of decode time in ONNX Runtime and in the
   sampler (the rest is the loop's bookkeeping).
 Counted figures (the same in every round): tokens per pass, the share of passes
-emitting 1/2/3 tokens, back-offs per pass, verify's acceptance rate.
+emitting 1/2/3 tokens, back-offs per pass, verify's acceptance rate, its acceptance per
+draft position and its mean tokens emitted per pass (dynamo_bench/speculative.py).
 peak_rss_mb is the largest resident set size sampled every 5 ms while the
 runner ran (the whole process: runtime, Python, and everything else loaded --
 every runner shares the process); rss_growth_mb is how far it rose above the
@@ -198,13 +199,26 @@ def _counts(calls: Sequence[Call]) -> dict:
         for k, v in s["emissions"].items():
             emissions[k] = emissions.get(k, 0) + v
     drafted = sum(s["drafted"] for s in stats)
+    checked: list[int] = []
+    accepted: list[int] = []
+    for s in stats:
+        for j, (c, a) in enumerate(zip(s["checked_at"], s["accepted_at"], strict=True)):
+            if j == len(checked):
+                checked.append(0)
+                accepted.append(0)
+            checked[j] += c
+            accepted[j] += a
+    rounds = sum(emissions.values())
     return {
         "new_tokens": new,
         "forward_passes": passes,
         "tokens_per_pass": new / passes if passes else None,
         "emission_share": {k: v / passes for k, v in sorted(emissions.items())},
+        "mean_emitted": sum(int(k) * v for k, v in emissions.items()) / rounds if rounds else None,
         "backoffs_per_pass": sum(s["backoffs"] for s in stats) / passes if passes else None,
         "acceptance_rate": sum(s["accepted"] for s in stats) / drafted if drafted else None,
+        "acceptance_by_position": [a / c if c else None for a, c in zip(accepted, checked, strict=True)]
+        or None,
     }
 
 

@@ -90,6 +90,45 @@ def speedup_table(result: dict) -> str:
     return _table(header, rows)
 
 
+def speculative_section(result: dict) -> str:
+    """verify's figures as ORT GenAI's speculative benchmark reports them, and the greedy check."""
+    header = [
+        "runner",
+        "alpha_c",
+        "acceptance",
+        "acceptance by draft position",
+        "mean emitted / pass",
+        "tokens/pass",
+        "pass cost vs ar",
+        "estimated vs ar",
+        "observed vs ar",
+    ]
+    rows = []
+    for label, fig in result.get("speculative", {}).items():
+        positions = fig["acceptance_by_position"] or []
+        rows.append(
+            [
+                label,
+                f"{fig['alpha_c']:g}",
+                _f(None if fig["acceptance_rate"] is None else 100 * fig["acceptance_rate"], 0, "%"),
+                " / ".join(_f(None if a is None else 100 * a, 0, "%") for a in positions) or "–",
+                _f(fig["mean_emitted"]),
+                _f(fig["tokens_per_pass"]),
+                _f(fig["pass_cost_vs_ar"], 2, "×"),
+                _f(fig["estimated_speedup"], 2, "×"),
+                _f(fig["observed_speedup"], 2, "×"),
+            ]
+        )
+    greedy = result.get("greedy_verify_equals_ar")
+    check = (
+        f"Greedy verify equals greedy ar token for token on {greedy['equal']} of {greedy['prompts']} prompts"
+        + (f" (differing: {greedy['differing_prompts']})." if greedy["differing_prompts"] else ".")
+        if greedy
+        else ""
+    )
+    return _table(header, rows) + ("\n\n" + check if check else "")
+
+
 def quality_table(result: dict) -> str:
     sets = [
         s
@@ -189,6 +228,10 @@ DEFINITIONS = """\
 - Timings: wall-clock of whole generate() calls; best = min time / max rate over rounds. Runtime prefill =
   first pass + its sampling; Optimum/PyTorch prefill = generate() start to the first streamed token.
 - Peak RSS is the whole benchmark process (all runners share it); +growth is the rise during a runner's round.
+- verify: acceptance = accepted / drafted drafts; by draft position = accepted / checked, where position j is
+  checked only if the drafts before it passed; estimated vs ar = (1 + a_1 + a_1 a_2) / (verify's decode
+  ms per pass / ar's); observed = the measured tokens/s ratio. "verify" drafts from the co-occurrence-
+  conditioned joint, "verify alpha_c=0" from the heads' marginals.
 """
 
 
@@ -212,6 +255,10 @@ def bench_markdown(result: dict) -> str:
         "## Wall-clock speed-ups (median tokens/s ratios, same prompts, seeds and lengths, same run)",
         "",
         speedup_table(result),
+        "",
+        "## verify: speculative decoding figures (acceptance per draft position is conditional)",
+        "",
+        speculative_section(result),
         "",
         "## Quality (judged perplexity = the base model's likelihood of the continuations)",
         "",
@@ -313,7 +360,12 @@ def plot_speedup_vs_quality(result: dict, path: str | os.PathLike) -> Path:
         ax.plot([ppl[k] for k in dynamic], [y[k] for k in dynamic], "o-", color="C0", label="dynamic (eps_b)")
         for k in dynamic:
             ax.annotate(f"{runners[k]['eps_b']:g}", (ppl[k], y[k]), textcoords="offset points", xytext=(4, 4))
-        for label, style in (("verify", "s"), ("ar", "*"), ("optimum", "^"), ("pytorch", "v")):
+        verify = [
+            (k, "s" if runners[k]["sampling"]["alpha_c"] else "D")
+            for k, r in runners.items()
+            if r["mode"] == "verify"
+        ]
+        for label, style in (*verify, ("ar", "*"), ("optimum", "^"), ("pytorch", "v")):
             if label in runners and ppl[label] is not None and y[label] is not None:
                 ax.plot([ppl[label]], [y[label]], style, markersize=10 if style == "*" else 8, label=label)
         ax.axhline(1.0, color="0.5", linewidth=0.8, linestyle="--")

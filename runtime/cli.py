@@ -91,15 +91,31 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     else:
-        stats = result.stats
-        print(result.text)
-        print(
-            f"-- {stats.new_tokens} tokens in {stats.forward_passes} passes "
-            f"({stats.tokens_per_pass:.2f} tokens/pass, {stats.tokens_per_s:.1f} tokens/s, "
-            f"stop: {stats.stop_reason})",
-            file=sys.stderr,
-        )
+        print(result.text, flush=True)  # before the stats on stderr
+        for line in summary(result.stats, config):
+            print(line, file=sys.stderr)
     return 0
+
+
+def summary(stats, config: SamplingConfig) -> list[str]:
+    """The stats lines printed under the text: passes and speed; for verify, its acceptance."""
+    lines = [
+        f"-- {stats.new_tokens} tokens in {stats.forward_passes} passes "
+        f"({stats.tokens_per_pass:.2f} tokens/pass, {stats.tokens_per_s:.1f} tokens/s, "
+        f"stop: {stats.stop_reason})"
+    ]
+    if config.mode == "verify" and stats.drafted:
+        positions = " / ".join(f"{100 * a:.0f}%" for a in stats.acceptance_by_position)
+        shaped = {1: "marginal", 2: "pairs", 3: "triples"}
+        sources = ", ".join(
+            f"{shaped.get(k, k)} {v}" for k, v in sorted(stats.draft_orders.items(), reverse=True)
+        )
+        lines.append(
+            f"-- verify: {stats.accepted} of {stats.drafted} drafts accepted ({100 * stats.acceptance_rate:.0f}%; "
+            f"by draft position {positions}), {stats.mean_emitted:.2f} tokens emitted per pass; "
+            f"drafts from {sources}"
+        )
+    return lines
 
 
 if __name__ == "__main__":

@@ -24,10 +24,23 @@ from typing import NamedTuple
 
 import numpy as np
 
-from runtime import draws, grid, native, otsu
 from runtime.config import SamplingConfig
-from runtime.grid import CooccurrenceWeights, Grid, GridContext, Scratch
+from runtime.draws import draw_head1
+from runtime.grid import (
+    CooccurrenceWeights,
+    Grid,
+    GridContext,
+    Scratch,
+    backoff,
+    joint,
+    penalty,
+    running_sum,
+    static_threshold,
+    weight,
+)
 from runtime.marginals import TopK, check_logits, heads_topk
+from runtime.native import AVAILABLE, GRID_CALL, NativeSampler, supports_grid
+from runtime.otsu import adaptive_threshold
 from runtime.stages import DYNAMIC_STAGES, GRID_STAGES, beats, check_implements
 from runtime.tokensets import Generated, seen_mask, token_set
 
@@ -52,12 +65,12 @@ def draw(found: Grid, config: SamplingConfig, rng: np.random.Generator) -> tuple
 
 NUMPY_STAGES = {
     "propose": propose,
-    "joint": grid.joint,
-    "weight": grid.weight,
-    "static_threshold": grid.static_threshold,
-    "adaptive_threshold": otsu.adaptive_threshold,
-    "penalty": grid.penalty,
-    "backoff": grid.backoff,
+    "joint": joint,
+    "weight": weight,
+    "static_threshold": static_threshold,
+    "adaptive_threshold": adaptive_threshold,
+    "penalty": penalty,
+    "backoff": backoff,
     "draw": draw,
 }
 check_implements("runtime/dynamic.py", NUMPY_STAGES, DYNAMIC_STAGES)
@@ -77,7 +90,7 @@ class DynamicSampler:
     def __init__(self, use_native: bool = True) -> None:
         """`use_native=False` keeps to numpy where the compiled kernel (runtime/native.py) would serve."""
         self._scratch = Scratch()
-        self._native = native.NativeSampler() if use_native and native.AVAILABLE else None
+        self._native = NativeSampler() if use_native and AVAILABLE else None
 
     def step(
         self,
@@ -106,7 +119,7 @@ class DynamicSampler:
             found = self._run_grid(Grid(topks[:n], config.eps_b ** (n - 1)), ctx)
             if found is not None:
                 return StepResult(draw(found, config, rng), n_heads - n)
-        return StepResult((draws.draw_head1(topks[0], ctx.generated, config, rng),), n_heads - 1)
+        return StepResult((draw_head1(topks[0], ctx.generated, config, rng),), n_heads - 1)
 
     def joint(
         self,
@@ -129,7 +142,7 @@ class DynamicSampler:
         """The grid stages in order, stopping at the first that backs off."""
         chain = _GRID_CHAIN
         if self._compiles(candidates, ctx):
-            chain = (self._compiled_grid, *_GRID_CHAIN[len(native.GRID_CALL) :])
+            chain = (self._compiled_grid, *_GRID_CHAIN[len(GRID_CALL) :])
         found: Grid | None = candidates
         for stage in chain:
             found = stage(found, ctx)
@@ -138,17 +151,17 @@ class DynamicSampler:
         return found
 
     def _compiles(self, candidates: Grid, ctx: GridContext) -> bool:
-        """Whether the kernel's grid call serves this grid's first stages (native.GRID_CALL)."""
+        """Whether the kernel's grid call serves this grid's first stages (GRID_CALL)."""
         return (
             self._native is not None
             and ctx.weighted(len(candidates.topks))
             and hasattr(ctx.masks, "csr_tables")
-            and native.supports_grid(len(candidates.topks), math.prod(candidates.shape), ctx.config)
+            and supports_grid(len(candidates.topks), math.prod(candidates.shape), ctx.config)
         )
 
     def _compiled_grid(self, candidates: Grid, ctx: GridContext) -> Grid | None:
-        """The stages of native.GRID_CALL in one kernel call, to the bits of the numpy stages."""
-        mass = math.prod(grid.running_sum(t.probs) for t in candidates.topks)
+        """The stages of GRID_CALL in one kernel call, to the bits of the numpy stages."""
+        mass = math.prod(running_sum(t.probs) for t in candidates.topks)
         if not beats(mass * (1 + 1e-9), candidates.bound):  # as grid.joint
             return None
         config = ctx.config

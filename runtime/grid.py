@@ -18,8 +18,8 @@ from typing import Protocol
 
 import numpy as np
 
-from runtime import draws
 from runtime.config import SamplingConfig
+from runtime.draws import draw, draw_sequential
 from runtime.errors import SamplingError
 from runtime.marginals import TopK
 from runtime.stages import beats
@@ -67,10 +67,10 @@ class Grid:
         return float(self.values.max()) if self.values.size else 0.0
 
     def draw(self, greedy: bool, rng: np.random.Generator) -> int:
-        """Flat index of the drawn cell (draws.draw): the same cell in either form, up to rounding."""
+        """Flat index of the drawn cell (runtime/draws.py): the same cell in either form, up to rounding."""
         if self.cells is None:
-            return draws.draw(self.values, greedy, rng)
-        return int(self.cells[draws.draw_sequential(self.values, greedy, rng)])
+            return draw(self.values, greedy, rng)
+        return int(self.cells[draw_sequential(self.values, greedy, rng)])
 
     def dense(self) -> np.ndarray:
         if self.cells is None:

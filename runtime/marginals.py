@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime import native
 from runtime.errors import SamplingError
+from runtime.native import AVAILABLE
+from runtime.native import marginals as compiled_marginals
 
 # exp(z) for z <= 0: 0 below EXP_FLOOR (e^-708 ~ 1e-308); else with n = round(z log2 e) (ties
 # to even, via the shifter) and r = (z - n ln2_hi) - n ln2_lo, |r| <= 0.35, the Taylor
@@ -109,8 +110,8 @@ def topk_arrays(
     ids and (heads, k) float64 probabilities (not renormalised over the top k)."""
     logits = np.asarray(logits)
     k = min(top_k, logits.shape[1])
-    if use_native and native.AVAILABLE:
-        found = native.marginals(logits, k, temperature)
+    if use_native and AVAILABLE:
+        found = compiled_marginals(logits, k, temperature)
         if found is not None:
             return found
     tops = logits.max(axis=1)

@@ -32,7 +32,7 @@ if os.environ.get("DYNAMO_NATIVE", "1") == "0":  # opt out, e.g. to compare the 
     _native = None
 else:
     try:
-        from runtime import _native
+        import runtime._native as _native
     except ImportError:  # built without a C compiler: the numpy path serves
         _native = None
 

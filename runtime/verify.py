@@ -24,11 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime import draws, native
 from runtime.config import SamplingConfig
+from runtime.draws import draw, draw_head1, penalised
 from runtime.errors import SamplingError
 from runtime.grid import CooccurrenceWeights, running_sum
 from runtime.marginals import TopK, check_logits, head_topk, heads_topk
+from runtime.native import AVAILABLE, NativeVerifier
 from runtime.stages import VERIFY_STAGES, check_implements
 from runtime.tokensets import ExtendedTokens, Generated, TokenSet, mask_and_extra, token_set
 
@@ -54,7 +55,7 @@ def ar_distribution(logits_row: np.ndarray, generated: Generated, config: Sampli
 
 
 def _normalised(top: TopK, generated: Generated, config: SamplingConfig) -> TopK:
-    return _normalise(top.ids, draws.penalised(top, token_set(generated), config))
+    return _normalise(top.ids, penalised(top, token_set(generated), config))
 
 
 def _normalise(ids: np.ndarray, weights: np.ndarray) -> TopK:
@@ -91,7 +92,7 @@ def draft_distribution(
             if running_sum(weighted) > 0:  # (not every weighted candidate underflowed)
                 weights, order = weighted, length + 1
                 break
-    return _normalise(top.ids, draws.penalised(TopK(top.ids, weights), generated, config)), order
+    return _normalise(top.ids, penalised(TopK(top.ids, weights), generated, config)), order
 
 
 def draft_tokens(
@@ -114,7 +115,7 @@ def draft_tokens(
     for top in heads_topk(head_logits, config.top_k, config.temperature or 1.0):
         prefix = [after, *tokens]
         dist, order = draft_distribution(top, prefix, ExtendedTokens(context, prefix), masks, config)
-        tokens.append(int(dist.ids[draws.draw(dist.probs, config.greedy, rng)]))
+        tokens.append(int(dist.ids[draw(dist.probs, config.greedy, rng)]))
         dists.append(dist)
         orders.append(order)
     return Draft(tuple(tokens), tuple(dists), tuple(orders))
@@ -150,7 +151,7 @@ def verify_drafts(
         top = head_topk(head1_logits[j], config.top_k, temperature)
         context = ExtendedTokens(generated, draft.tokens[:j])
         if config.greedy:
-            target = draws.draw_head1(top, context, config, rng)
+            target = draw_head1(top, context, config, rng)
             if target != token:
                 return Verified((*draft.tokens[:j], target), j)
         else:
@@ -160,7 +161,7 @@ def verify_drafts(
                 raise SamplingError(f"draft token {token} has probability 0 under its own draft distribution")
             if rng.random() >= _prob(p, token) / q_x:
                 return Verified((*draft.tokens[:j], draw_residual(p, q, rng)), j)
-    bonus = draws.draw_head1(
+    bonus = draw_head1(
         head_topk(head1_logits[m], config.top_k, temperature),
         ExtendedTokens(generated, draft.tokens),
         config,
@@ -190,7 +191,7 @@ def draw_residual(p: TopK, q: TopK, rng: np.random.Generator) -> int:
     residual = np.maximum(p_probs - q_probs, 0.0)
     if not residual.any():
         residual = p_probs
-    return int(ids[draws.draw(residual, False, rng)])
+    return int(ids[draw(residual, False, rng)])
 
 
 NUMPY_STAGES = {"draft": draft_tokens, "check": verify_drafts, "residual": draw_residual}
@@ -202,7 +203,7 @@ class Verifier:
     (not thread-safe: the kernel keeps its scratch)."""
 
     def __init__(self, use_native: bool = True) -> None:
-        self._native = native.NativeVerifier() if use_native and native.AVAILABLE else None
+        self._native = NativeVerifier() if use_native and AVAILABLE else None
 
     def draft(
         self,

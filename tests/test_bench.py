@@ -89,11 +89,21 @@ def test_cli_writes_every_figure(bench):
         "speedups",
         "same_quality",
         "ppl_d",
+        "speculative",
+        "greedy_verify_equals_ar",
     }
     env = result["environment"]
     assert env["threads"] == 1 and env["provider"] == "cpu" and len(env["manifest_sha256"]) == 64
     assert env["versions"]["onnxruntime"] and env["versions"]["numpy"] and env["cpu_model"]
-    labels = ["ar", "dynamic eps_b=0.2", "dynamic eps_b=0.8", "verify", "optimum", "pytorch"]
+    labels = [
+        "ar",
+        "dynamic eps_b=0.2",
+        "dynamic eps_b=0.8",
+        "verify",
+        "verify alpha_c=0",
+        "optimum",
+        "pytorch",
+    ]
     assert list(result["runners"]) == labels
     assert result["settings"]["prompt_counts"] == {"paper": len(PAPER_PROMPTS), "in-domain": 2}
     for label, run in result["runners"].items():
@@ -115,10 +125,33 @@ def test_cli_writes_every_figure(bench):
     assert result["runners"]["verify"]["latency"]["acceptance_rate"] is not None
     assert result["speedups"]["ar"]["vs_ar"] == pytest.approx(1)
     assert result["same_quality"]["wall_clock"]["runner"] in result["runners"]  # ar itself always qualifies
-    assert set(result["ppl_d"]["ppl_d"]) == set(labels[:4]) and result["ppl_d"]["heldout_reference_ppl"] > 1
+    assert set(result["ppl_d"]["ppl_d"]) == set(labels[:5]) and result["ppl_d"]["heldout_reference_ppl"] > 1
+    # verify's speculative figures: both draft distributions, acceptance per position, the greedy check.
+    assert set(result["speculative"]) == {"verify", "verify alpha_c=0"}
+    for label, fig in result["speculative"].items():
+        lat = result["runners"][label]["latency"]
+        assert fig["alpha_c"] == (0.0 if label.endswith("=0") else 1.0)
+        assert len(fig["acceptance_by_position"]) == 2 and all(
+            0 <= a <= 1 for a in fig["acceptance_by_position"]
+        )
+        assert fig["mean_emitted"] == pytest.approx(
+            sum(int(k) * v for k, v in lat["emission_share"].items())
+            * lat["forward_passes"]
+            / sum(v * lat["forward_passes"] for v in lat["emission_share"].values())
+        )
+        a1, a2 = fig["acceptance_by_position"]
+        expected = (1 + a1 + a1 * a2) / fig["pass_cost_vs_ar"]
+        assert fig["estimated_speedup"] == pytest.approx(expected)
+        assert fig["observed_speedup"] == result["speedups"][label]["vs_ar"]
+    greedy = result["greedy_verify_equals_ar"]
+    assert greedy["prompts"] == len(PAPER_PROMPTS) + 2 and greedy["equal"] == greedy["prompts"]
     assert (bench / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (bench / "bench.md").read_text()
     assert "| dynamic eps_b=0.2 |" in markdown and "Same-quality wall-clock speed-up" in markdown
+    assert (
+        "| verify alpha_c=0 | 0 |" in markdown
+        and "Greedy verify equals greedy ar token for token" in markdown
+    )
 
 
 @pytest.mark.slow
@@ -169,6 +202,8 @@ def _call(
         "backoffs": 2,
         "drafted": 0,
         "accepted": 0,
+        "checked_at": [],
+        "accepted_at": [],
     }
     return Call("x", 0, 0, repeat, Sample(tuple(range(tokens)), wall, prefill, stats))
 
