@@ -485,8 +485,9 @@ static int get_inputs(Verifier *self, PyObject *logits, PyObject *seen, PyObject
     }
     if (PyObject_GetBuffer(seen, &in->seen, PyBUF_SIMPLE) < 0 || PyObject_GetBuffer(extra, &in->extra, PyBUF_SIMPLE) < 0)
         return -1;
-    if (in->vocab != self->w.vocab || in->seen.len != in->vocab || in->extra.len % (Py_ssize_t)sizeof(int64_t))
-        return fail("Verifier: logits of the tables' vocabulary, seen one byte per token, extra int64 ids");
+    if (in->vocab != self->w.vocab || in->seen.len != in->vocab || in->extra.len % (Py_ssize_t)sizeof(int64_t) ||
+        in->extra.len > MAX_EXTRA * (Py_ssize_t)sizeof(int64_t))
+        return fail("Verifier: logits of the tables' vocabulary, seen one byte per token, at most 64 extra int64 ids");
     const int64_t *ids = in->extra.buf;
     for (Py_ssize_t i = 0; i < in->extra.len / (Py_ssize_t)sizeof(int64_t); i++)
         if (ids[i] < 0 || ids[i] >= in->vocab) return fail("Verifier: an extra token is outside the vocabulary");
@@ -588,11 +589,7 @@ static PyObject *verifier_check(Verifier *self, PyObject *args) {
         goto done;
     }
     /* The penalty's context at position j: the mask, extra, and the drafts before j. */
-    int64_t context[64 + MAX_ORDER], out[MAX_ORDER + 1];
-    if (n_extra > 64) {
-        fail("Verifier.check: at most 64 extra tokens");
-        goto done;
-    }
+    int64_t context[MAX_EXTRA + MAX_ORDER], out[MAX_ORDER + 1];
     memcpy(context, in.extra.buf, (size_t)n_extra * sizeof(int64_t));
     const int64_t *draft = drafts.buf;
     Py_ssize_t accepted = 0;

@@ -608,7 +608,7 @@ int stage_draft(const Workspace *w, const int64_t *ids, const double *probs, Py_
             break;
         }
     }
-    int64_t *seen_extra = scratch; /* the extra tokens and the prefix, as one list */
+    int64_t seen_extra[MAX_EXTRA + MAX_ORDER + 1]; /* the extra tokens and the prefix, as one list */
     for (Py_ssize_t i = 0; i < n_extra; i++) seen_extra[i] = extra[i];
     for (int i = 0; i < n_prefix; i++) seen_extra[n_extra + i] = prefix[i];
     penalise_normalise(ids, weights, k, generated, seen_extra, n_extra + n_prefix, penalty, q);

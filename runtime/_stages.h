@@ -9,6 +9,7 @@
 
 #define MAX_ORDER 3
 #define OTSU_BINS 256
+#define MAX_EXTRA 64 /* generated tokens a verify call takes beside the mask */
 
 /* The dynamic step's stages in runtime/stages.py's order; X(name) for each. _native.c turns the
  * list into `_native.STAGES` and takes every stage_<name>'s address, so a stage listed here
@@ -114,7 +115,8 @@ Py_ssize_t stage_draw(const double *weights, Py_ssize_t n, int greedy, PyObject 
 size_t draft_scratch_words(Py_ssize_t vocab, Py_ssize_t k);
 
 /* draft: q over one draft head's candidates (ids, probs: its top-k) after the fixed tokens
- * prefix[0..n_prefix) (head 1's choice, then the earlier drafts): probs times W(s, c) for the
+ * prefix[0..n_prefix <= MAX_ORDER] (head 1's choice, then the earlier drafts), with n_extra <=
+ * MAX_EXTRA: probs times W(s, c) for the
  * longest suffix s of the prefix whose n-gram is stored for a candidate (when `weighted`),
  * divided by the penalty where the candidate is generated (the mask, `extra`, the prefix),
  * over its running sum. The order used (len(s) + 1, or 1 for the marginal). */

@@ -1,6 +1,6 @@
 """Sampling options of the runtime, checked once when they are made.
 
-Defaults are the paper's (DynaMo, Tuli et al. 2024, see shared/DYNAMO.md): top-k 50,
+Defaults are the paper's (DynaMo, Tuli et al. 2024, see docs/METHOD.md): top-k 50,
 temperature 0.7, repetition penalty 1.1, alpha_c 1.0, Otsu thresholding after a
 3-wide Gaussian blur. Two values the paper leaves open are ours:
 

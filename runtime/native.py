@@ -243,6 +243,7 @@ class NativeSampler:
 
 
 _MAX_DRAFTS = 3  # the kernel's MAX_ORDER: heads 2..4
+MAX_EXTRA = 64  # generated tokens a verify call takes beside the mask (runtime/_stages.h)
 
 
 class NativeVerifier:

@@ -29,7 +29,7 @@ from runtime.draws import draw, draw_head1, penalised
 from runtime.errors import SamplingError
 from runtime.grid import CooccurrenceWeights, running_sum
 from runtime.marginals import TopK, check_logits, head_topk, heads_topk
-from runtime.native import AVAILABLE, NativeVerifier
+from runtime.native import AVAILABLE, MAX_EXTRA, NativeVerifier
 from runtime.stages import VERIFY_STAGES, check_implements
 from runtime.tokensets import ExtendedTokens, Generated, TokenSet, mask_and_extra, token_set
 
@@ -219,7 +219,10 @@ class Verifier:
         n, vocab = head_logits.shape
         k = min(config.top_k, vocab)
         if self._native is not None and self._native.ready(masks, config, n, k, vocab):
-            found = self._native.draft(head_logits, after, *mask_and_extra(generated, vocab), rng)
+            mask, extra = mask_and_extra(generated, vocab)
+            found = (
+                self._native.draft(head_logits, after, mask, extra, rng) if extra.size <= MAX_EXTRA else None
+            )
             if found is not None:
                 tokens, orders, ids, probs = found
                 return Draft(tokens, tuple(TopK(i, p) for i, p in zip(ids, probs, strict=True)), orders)
@@ -245,14 +248,18 @@ class Verifier:
             and all(q.ids.size == k for q in draft.dists)
             and self._native.ready(masks, config, m, k, vocab)
         ):
-            found = self._native.check(
-                head1_logits,
-                np.asarray(draft.tokens, dtype=np.int64),
-                np.stack([q.ids for q in draft.dists]).astype(np.int64, copy=False),
-                np.stack([q.probs for q in draft.dists]).astype(np.float64, copy=False),
-                *mask_and_extra(generated, vocab),
-                rng,
-            )
+            mask, extra = mask_and_extra(generated, vocab)
+            found = None
+            if extra.size <= MAX_EXTRA:
+                found = self._native.check(
+                    head1_logits,
+                    np.asarray(draft.tokens, dtype=np.int64),
+                    np.stack([q.ids for q in draft.dists]).astype(np.int64, copy=False),
+                    np.stack([q.probs for q in draft.dists]).astype(np.float64, copy=False),
+                    mask,
+                    extra,
+                    rng,
+                )
             if found is not None:
                 return Verified(*found)
         return verify_drafts(head1_logits, draft, generated, config, rng)

@@ -355,3 +355,23 @@ def test_verify_rejects_inconsistent_inputs():
         verify_drafts(
             np.zeros((2, 5), np.float32), Draft((3,), (dist,)), [0], config, np.random.default_rng()
         )
+
+
+@pytest.mark.skipif(not native.AVAILABLE, reason="the compiled kernel is not built")
+def test_compiled_drafts_with_many_generated_extras_stay_equal_to_numpy(small_csr):
+    """Generated tokens outside the mask (up to the kernel's limit, and past it: numpy) with the
+    smallest scratch (top_k = 1): the kernel's lookups must stay intact from call to call."""
+    vocab, _dense, csr = small_csr[2]
+    config = SamplingConfig(mode="verify", top_k=1, repetition_penalty=1.3)
+    verifier, rng = Verifier(), np.random.default_rng(0)
+    for step in range(200):
+        extras = [int(t) for t in rng.integers(0, vocab, 8 if step % 2 else 70)]
+        context = tokens_plus([1, 2], extras)
+        rows = (rng.normal(size=(2, vocab)) * 4).astype(np.float32)
+        after = int(rng.integers(vocab))
+        fast = verifier.draft(rows, after, context, csr, config, np.random.default_rng(step))
+        slow = draft_tokens(rows, after, context, csr, config, np.random.default_rng(step))
+        assert (fast.tokens, fast.orders) == (slow.tokens, slow.orders)
+        np.testing.assert_array_equal(
+            np.stack([q.probs for q in fast.dists]), np.stack([q.probs for q in slow.dists])
+        )
