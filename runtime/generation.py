@@ -109,7 +109,10 @@ class Decoder:
             return []
         if self.config.mode == "verify" and self.draft is not None:
             keep = min(len(self.draft.tokens), room - len(self.to_feed))
-            self.draft = Draft(self.draft.tokens[:keep], self.draft.dists[:keep], self.draft.orders[:keep])
+            if keep < len(self.draft.tokens):
+                self.draft = Draft(
+                    self.draft.tokens[:keep], self.draft.dists[:keep], self.draft.orders[:keep]
+                )
             return [*self.to_feed, *self.draft.tokens]
         return list(self.to_feed)
 

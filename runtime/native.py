@@ -257,6 +257,8 @@ class NativeVerifier:
 
     def ready(self, masks, config: SamplingConfig, n_drafts: int, k: int, vocab: int) -> bool:
         """Whether the kernel covers these drafts (configuring it for `config` when it does)."""
+        if config is self._config and self._built_for == (masks, k, vocab) and 1 <= n_drafts <= _MAX_DRAFTS:
+            return True  # a stream asks every pass with the same config and masks
         if not (
             AVAILABLE
             and 1 <= n_drafts <= _MAX_DRAFTS

@@ -41,6 +41,9 @@ class Draft:
     tokens: tuple[int, ...]  # drafted tokens, in order
     dists: tuple[TopK, ...]  # the normalised distribution each was drawn from (q)
     orders: tuple[int, ...] = ()  # the n-gram order whose weights shaped each q (MARGINAL: none)
+    q: tuple[np.ndarray, np.ndarray] | None = (
+        None  # compiled drafts: q's (m, k) ids and probs; dists are rows
+    )
 
 
 @dataclass(frozen=True)
@@ -225,7 +228,8 @@ class Verifier:
             )
             if found is not None:
                 tokens, orders, ids, probs = found
-                return Draft(tokens, tuple(TopK(i, p) for i, p in zip(ids, probs, strict=True)), orders)
+                dists = tuple(TopK(i, p) for i, p in zip(ids, probs, strict=True))
+                return Draft(tokens, dists, orders, (ids, probs))
         return draft_tokens(head_logits, after, generated, masks, config, rng)
 
     def check(
@@ -245,24 +249,30 @@ class Verifier:
             self._native is not None
             and m
             and head1_logits.shape[0] == m + 1
-            and all(q.ids.size == k for q in draft.dists)
             and self._native.ready(masks, config, m, k, vocab)
         ):
+            q_ids, q_probs = _q_arrays(draft, k)
             mask, extra = mask_and_extra(generated, vocab)
             found = None
-            if extra.size <= MAX_EXTRA:
+            if q_ids is not None and extra.size <= MAX_EXTRA:
                 found = self._native.check(
-                    head1_logits,
-                    np.asarray(draft.tokens, dtype=np.int64),
-                    np.stack([q.ids for q in draft.dists]).astype(np.int64, copy=False),
-                    np.stack([q.probs for q in draft.dists]).astype(np.float64, copy=False),
-                    mask,
-                    extra,
-                    rng,
+                    head1_logits, np.asarray(draft.tokens, dtype=np.int64), q_ids, q_probs, mask, extra, rng
                 )
             if found is not None:
                 return Verified(*found)
         return verify_drafts(head1_logits, draft, generated, config, rng)
+
+
+def _q_arrays(draft: Draft, k: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The drafts' q as contiguous (m, k) int64 ids and float64 probs: the kernel's own arrays when
+    they are whole, else stacked; (None, None) when a q does not hold k candidates."""
+    m = len(draft.tokens)
+    if draft.q is not None and draft.q[0].shape == (m, k):
+        return draft.q
+    if any(q.ids.size != k for q in draft.dists):
+        return None, None
+    ids = np.stack([q.ids for q in draft.dists]).astype(np.int64, copy=False)
+    return ids, np.stack([q.probs for q in draft.dists]).astype(np.float64, copy=False)
 
 
 check_implements("runtime/verify.py", NUMPY_STAGES, VERIFY_STAGES)
