@@ -3,7 +3,9 @@
 The steps (each in its own module):
 1. prompts (prompts.py): the paper's ten, in-domain ones cut from held-out text, or a file;
 2. runners: the artifact in `ar` (always: every speed-up divides by it), `dynamic` at each eps_b and
-   `verify`; with a base checkpoint, Optimum's ORTModelForCausalLM and PyTorch (baselines.py);
+   `verify`; with a base checkpoint, Optimum's ORTModelForCausalLM and PyTorch (baselines.py),
+   where torch (and Optimum) are installed: elsewhere they are skipped and the result says so
+   (`skipped`, extras.py);
 3. timing (latency.py): warm-up, then interleaved rounds over prompts x seeds;
 4. quality (quality.py): the judge scores the first round's generations;
 5. derived figures: speed-ups, the same-quality speed-up, PPL_d, verify's speculative figures and
@@ -15,11 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from dynamo_bench import baselines, latency, prompts, quality, speculative
+from dynamo_bench import latency, prompts, quality, speculative
 from dynamo_bench.env import environment_record
 from dynamo_bench.errors import BenchError
+from dynamo_bench.extras import Skipped, unavailable
+from dynamo_bench.providers import check_session_provider
 from runtime import DynaMoRuntime
+from runtime.manifest import MANIFEST_NAME
 
 SCHEMA = "dynamo-bench/1"
 MODES = ("ar", "dynamic", "verify")
@@ -44,6 +50,7 @@ class BenchOptions:
     judge: str | None = None  # artifact or checkpoint; default: the baseline, else the artifact's head 1
     tolerance: float = 0.05
     progress: bool = True
+    skipped: tuple[Skipped, ...] = ()  # parts the caller already knows it cannot run (the CLI's plot)
 
     def validate(self) -> None:
         """Raise BenchError naming every bad option at once."""
@@ -122,24 +129,73 @@ def _check_lengths(chosen: Sequence[prompts.Prompt], max_new_tokens: int, contex
         )
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Which torch-side parts run here: the baselines, and the judge that needs PyTorch."""
+
+    pytorch: bool  # the PyTorch baseline
+    optimum: bool  # the Optimum baseline
+    torch_judge: bool  # judge with a checkpoint in PyTorch (--judge CHECKPOINT, or the baseline)
+    skipped: tuple[Skipped, ...]
+
+
+def _plan(options: BenchOptions) -> _Plan:
+    skipped = list(options.skipped)
+    pytorch = optimum = False
+    if options.baseline:
+        no_torch = unavailable("pytorch", "the PyTorch baseline")
+        no_optimum = unavailable("optimum", "the Optimum baseline")
+        optimum, pytorch = no_optimum is None, no_torch is None
+        skipped += [s for s in (no_optimum, no_torch) if s is not None]
+    judge = options.judge or options.baseline
+    torch_judge = bool(judge) and not (Path(judge) / MANIFEST_NAME).is_file()
+    if torch_judge:
+        no_torch = unavailable(
+            "pytorch", f"judging with the checkpoint {judge}", "the artifact's own head 1 judges instead"
+        )
+        if no_torch is not None:
+            torch_judge = False
+            skipped.append(no_torch)
+    return _Plan(pytorch, optimum, torch_judge, tuple(skipped))
+
+
+def _judge(options: BenchOptions, plan: _Plan, base_model):
+    if options.judge and (plan.torch_judge or (Path(options.judge) / MANIFEST_NAME).is_file()):
+        return quality.make_judge(options.judge, options.provider, options.threads)
+    if plan.torch_judge and options.baseline:
+        return quality.TorchJudge(options.baseline, model=base_model)
+    # No base model given, or none that can run here: the artifact's own head 1 (the base model up to
+    # T3's fine-tuning), on ONNX Runtime.
+    return quality.OrtJudge(options.artifact, options.provider, options.threads)
+
+
 def run_benchmark(options: BenchOptions) -> dict:
     options.validate()
-    if options.threads is not None and (options.baseline or options.judge):
+    plan = _plan(options)
+    if options.threads is not None and (plan.pytorch or plan.optimum or plan.torch_judge):
         import torch
 
         torch.set_num_threads(options.threads)
     rt = DynaMoRuntime.load(options.artifact, provider=options.provider, threads=options.threads)
+    check_session_provider(rt, options.provider)
     chosen = _prompt_set(options, rt.tokenizer)
     _check_lengths(chosen, options.max_new_tokens, rt.manifest.model.context_length)
     runners, meta = _runtime_runners(options, rt)
     base_model = None
-    if options.baseline:
+    if plan.pytorch or plan.optimum:
+        from dynamo_bench import baselines  # imports torch: only where it is installed
+
         base_model = baselines.load_torch_base(options.baseline)
         defaults = rt.default_config
-        runners["optimum"] = baselines.optimum_runner(base_model, defaults, options.threads, options.provider)
-        runners["pytorch"] = baselines.pytorch_runner(base_model, defaults)
-        meta["optimum"] = {"kind": "optimum", "mode": "ar", "eps_b": None, "sampling": defaults.to_dict()}
-        meta["pytorch"] = {"kind": "pytorch", "mode": "ar", "eps_b": None, "sampling": defaults.to_dict()}
+        if plan.optimum:
+            runners["optimum"] = baselines.optimum_runner(
+                base_model, defaults, options.threads, options.provider
+            )
+        if plan.pytorch:
+            runners["pytorch"] = baselines.pytorch_runner(base_model, defaults)
+        for kind in ("optimum", "pytorch"):
+            if kind in runners:
+                meta[kind] = {"kind": kind, "mode": "ar", "eps_b": None, "sampling": defaults.to_dict()}
 
     measured = latency.measure(
         runners,
@@ -150,12 +206,7 @@ def run_benchmark(options: BenchOptions) -> dict:
         options.warmup,
         options.progress,
     )
-    if options.judge:
-        judge = quality.make_judge(options.judge, options.provider, options.threads)
-    elif base_model is not None:
-        judge = quality.TorchJudge(options.baseline, model=base_model)
-    else:  # no base model given: the artifact's own head 1 (the base model up to T3's fine-tuning)
-        judge = quality.OrtJudge(options.artifact, options.provider, options.threads)
+    judge = _judge(options, plan, base_model)
     score = quality.Scorer(judge)
 
     runs = {}
@@ -176,7 +227,10 @@ def run_benchmark(options: BenchOptions) -> dict:
     in_domain = [p for p in chosen if p.set_name == "in-domain"]
     return {
         "schema": SCHEMA,
-        "environment": environment_record(options.artifact, rt.provider, options.threads),
+        "environment": {
+            **environment_record(options.artifact, rt.provider, options.threads),
+            "session_providers": rt.session.session.get_providers(),  # what ORT really runs on
+        },
         "settings": {
             "max_new_tokens": options.max_new_tokens,
             "repeats": options.repeats,
@@ -192,6 +246,7 @@ def run_benchmark(options: BenchOptions) -> dict:
             },
             "prompts": [{"set": p.set_name, "text": p.text, "ids": list(p.ids)} for p in chosen],
         },
+        "skipped": [s.to_dict() for s in plan.skipped],
         "runners": runs,
         "speedups": speedups,
         "same_quality": quality.same_quality(qualities, speedups, tokens_per_pass, sweep, options.tolerance),

@@ -5,6 +5,10 @@ Examples:
       --in-domain data/reference/corpus/heldout --threads 1 \\
       --json docs/bench-reference.json --markdown docs/bench-reference.md --plot docs/speedup_vs_quality.png
   dynamo-bench --scale --scale-sizes 70m,160m,410m --markdown docs/bench-scale.md
+  dynamo-bench --artifact out/t3-onnx --threads 4 --json pi5.json      # on each device (no torch needed)
+  dynamo-bench --compare laptop.json pi5.json --markdown compare.md    # side by side
+Runs from the runtime-only install (pip install dynamo-export); the baselines, judging with a
+checkpoint and --plot need more and are skipped, with a note, where it is missing.
 See dynamo_bench for what every figure means.
 """
 
@@ -14,13 +18,11 @@ import argparse
 import sys
 
 from dynamo_bench.benchmark import MODES, BenchOptions, run_benchmark
-from dynamo_bench.report import (
-    bench_markdown,
-    plot_speedup_vs_quality,
-    scale_markdown,
-)
-from dynamo_bench.scale import PYTHIA, run_scale
-from dynamo_export.errors import DynaMoError
+from dynamo_bench.compare import compare_markdown, load_results
+from dynamo_bench.errors import BenchError
+from dynamo_bench.extras import INSTALL, NEEDS, missing_modules, unavailable
+from dynamo_bench.report import bench_markdown, plot_speedup_vs_quality, scale_markdown
+from dynamo_bench.sizes import PYTHIA
 from runtime.atomic import atomic_write_json, atomic_write_text
 from runtime.contract import DEVICES
 from runtime.errors import DynaMoRuntimeError
@@ -82,19 +84,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write the speed-up vs judged perplexity plot here (PNG)")
     p.add_argument("--scale", action="store_true", help="random-weight Pythia sizes: export and step time")
     p.add_argument("--scale-sizes", type=_words, default=tuple(PYTHIA), help=f"subset of {','.join(PYTHIA)}")
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="JSON",
+        help="render results written by --json (e.g. one per device) side by side; with --markdown FILE",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def _expected_errors() -> tuple[type[Exception], ...]:
+    """The errors main reports in one line. The PyTorch side's (checkpoint, export) can only have been
+    raised where dynamo_export.errors was imported, so it is looked up, never imported, here."""
+    errors: tuple[type[Exception], ...] = (BenchError, DynaMoRuntimeError)
+    torch_side = sys.modules.get("dynamo_export.errors")
+    return (*errors, torch_side.DynaMoError) if torch_side is not None else errors
+
+
+def _check_modes(parser: argparse.ArgumentParser, args) -> None:
+    chosen = [name for name in ("artifact", "scale", "compare") if getattr(args, name)]
+    if not chosen:
+        parser.error("give --artifact DIR, --scale (the model-size table) or --compare A.json B.json ...")
+    if len(chosen) > 1:
+        parser.error(f"--{' and --'.join(chosen)} are separate jobs: give one of them")
+    if args.plot and not args.artifact:
+        parser.error("--plot draws the artifact benchmark; --scale and --compare have no plot")
+    if args.compare and args.json:
+        parser.error("--compare renders existing results: drop --json (use --markdown FILE)")
+
+
+def _note(text: str) -> None:
+    print(f"dynamo-bench: note: {text}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.scale and not args.artifact:
-        parser.error("give --artifact DIR (or --scale for the model-size table)")
-    if args.scale and args.plot:
-        parser.error("--plot draws the artifact benchmark; --scale has no plot")
+    _check_modes(parser, args)
+    result = None
     try:
-        if args.scale:
+        if args.compare:
+            markdown = compare_markdown(load_results(args.compare))
+        elif args.scale:
+            missing = missing_modules(NEEDS["scale"])
+            if missing:
+                raise BenchError(
+                    f"--scale exports models and needs {', '.join(missing)} (not installed): {INSTALL['scale']}"
+                )
+            from dynamo_bench.scale import run_scale  # imports torch
+
             result = run_scale(
                 args.scale_sizes,
                 args.threads if args.threads is not None else 1,
@@ -103,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             markdown = scale_markdown(result)
         else:
+            no_plot = unavailable("plot", f"--plot {args.plot}") if args.plot else None
             options = BenchOptions(
                 artifact=args.artifact,
                 provider=args.provider,
@@ -119,12 +159,15 @@ def main(argv: list[str] | None = None) -> None:
                 baseline=args.baseline,
                 judge=args.judge,
                 progress=not args.no_progress,
+                skipped=(no_plot,) if no_plot else (),
             )
             result = run_benchmark(options)
+            for skipped in result["skipped"]:
+                _note(skipped["note"])
             markdown = bench_markdown(result)
-            if args.plot:
+            if args.plot and not no_plot:
                 plot_speedup_vs_quality(result, args.plot)
-    except (DynaMoError, DynaMoRuntimeError) as exc:
+    except _expected_errors() as exc:  # evaluated when an exception arrives, after the imports ran
         print(f"dynamo-bench: error: {exc}", file=sys.stderr)
         sys.exit(2)
     print(markdown)

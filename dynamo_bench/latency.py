@@ -19,6 +19,13 @@ of a rate):
   figure users feel and the one every wall-clock speed-up divides;
 - ort_share / sampling_share: shares of decode time in ONNX Runtime and in the
   sampler (the rest is the loop's bookkeeping).
+Per-call figures (`per_call`), the distribution a user of one request sees:
+p50 and p90 over every timed call of a runner (all prompts, seeds and rounds) of
+- ttft_ms: the call's time to its first token (as prefill_ms, for one call);
+- decode_ms_per_pass / decode_ms_per_token: the call's decode time over its
+  passes / tokens after the first pass (for Optimum/PyTorch: wall-clock after
+  the first token over the tokens after it; one token per pass), i.e. each
+  call's mean, as serving benchmarks report time per output token per request.
 Counted figures (the same in every round): tokens per pass, the share of passes
 emitting 1/2/3 tokens, back-offs per pass, verify's acceptance rate, its acceptance per
 draft position and its mean tokens emitted per pass (dynamo_bench/speculative.py).
@@ -36,6 +43,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import psutil
 from tqdm.auto import tqdm
 
@@ -177,6 +185,34 @@ def _round_figures(calls: Sequence[Call]) -> dict[str, float | None]:
 
 
 LOWER_IS_BETTER = ("prefill_ms", "decode_ms_per_pass", "decode_ms_per_token")
+PERCENTILES = (50, 90)
+
+
+def _call_figures(sample: Sample) -> dict[str, float | None]:
+    """One call's time to first token and its mean decode time per pass and per token, in ms."""
+    if sample.stats is not None:
+        decode = sample.stats["decode_s"]
+        passes = sample.stats["forward_passes"] - 1
+        tokens = sample.stats["new_tokens"] - sample.stats["first_pass_tokens"]
+    else:  # transformers/Optimum: one token per pass, everything after the first token is decode
+        decode = sample.wall_s - sample.prefill_s
+        passes = tokens = max(len(sample.token_ids) - 1, 0)
+    return {
+        "ttft_ms": 1000 * sample.prefill_s,
+        "decode_ms_per_pass": 1000 * decode / passes if passes > 0 else None,
+        "decode_ms_per_token": 1000 * decode / tokens if tokens > 0 else None,
+    }
+
+
+def per_call_percentiles(calls: Sequence[Call]) -> dict[str, dict]:
+    """p50/p90 (numpy's linear interpolation) of each per-call figure over `calls`, with the count."""
+    figures = [_call_figures(c.sample) for c in calls]
+    out = {}
+    for name in ("ttft_ms", "decode_ms_per_pass", "decode_ms_per_token"):
+        values = [f[name] for f in figures if f[name] is not None]
+        row: dict = {f"p{q}": float(np.percentile(values, q)) if values else None for q in PERCENTILES}
+        out[name] = {**row, "calls": len(values)}
+    return out
 
 
 def _best_and_median(name: str, values: list[float | None]) -> dict:
@@ -223,7 +259,8 @@ def _counts(calls: Sequence[Call]) -> dict:
 
 
 def summarize(calls: Sequence[Call], peak_rss_bytes: int, rss_growth_bytes: int = 0) -> dict:
-    """Latency figures of one runner: best/median over rounds, plus counts from the first round."""
+    """Latency figures of one runner: best/median over rounds, per-call p50/p90 over every call, plus
+    counts from the first round."""
     repeats = sorted({c.repeat for c in calls})
     rounds = [_round_figures([c for c in calls if c.repeat == r]) for r in repeats]
     figures = {name: _best_and_median(name, [f[name] for f in rounds]) for name in rounds[0]}
@@ -233,6 +270,7 @@ def summarize(calls: Sequence[Call], peak_rss_bytes: int, rss_growth_bytes: int 
         tokens.setdefault((c.prompt_index, c.seed), set()).add(c.sample.token_ids)
     return {
         **figures,
+        "per_call": per_call_percentiles(calls),
         **_counts(first),
         "peak_rss_mb": peak_rss_bytes / 2**20,
         "rss_growth_mb": rss_growth_bytes / 2**20,

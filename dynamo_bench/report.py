@@ -14,6 +14,7 @@ from runtime.atomic import atomic_write_bytes
 
 __all__ = [
     "bench_markdown",
+    "device_line",
     "plot_speedup_vs_quality",
     "scale_markdown",
 ]
@@ -73,6 +74,32 @@ def latency_table(result: dict) -> str:
                 _f(None if lat.get("acceptance_rate") is None else 100 * lat["acceptance_rate"], 0, "%"),
                 split,
                 f"{_f(lat['peak_rss_mb'], 0)} (+{_f(lat['rss_growth_mb'], 1)})",
+            ]
+        )
+    return _table(header, rows)
+
+
+def _pair(row: dict | None, digits: int = 2) -> str:
+    if not row or row.get("p50") is None:
+        return "–"
+    return f"{_f(row['p50'], digits)} / {_f(row['p90'], digits)}"
+
+
+def per_call_table(result: dict) -> str:
+    """p50 / p90 over calls of each call's time to first token and mean time per pass and per token."""
+    header = ["runner", "TTFT ms", "decode ms/pass", "decode ms/token", "calls"]
+    rows = []
+    for label, run in result["runners"].items():
+        per_call = run["latency"].get("per_call")
+        if per_call is None:  # a result from before per-call figures
+            continue
+        rows.append(
+            [
+                label,
+                _pair(per_call["ttft_ms"]),
+                _pair(per_call["decode_ms_per_pass"]),
+                _pair(per_call["decode_ms_per_token"]),
+                str(per_call["ttft_ms"]["calls"]),
             ]
         )
     return _table(header, rows)
@@ -228,6 +255,8 @@ DEFINITIONS = """\
 - Timings: wall-clock of whole generate() calls; best = min time / max rate over rounds. Runtime prefill =
   first pass + its sampling; Optimum/PyTorch prefill = generate() start to the first streamed token.
 - Peak RSS is the whole benchmark process (all runners share it); +growth is the rise during a runner's round.
+- Per call: each timed call (every prompt, seed and round) gives its time to first token and its mean decode
+  time per pass and per token; the tables give the 50th and 90th percentiles over those calls.
 - verify: acceptance = accepted / drafted drafts; by draft position = accepted / checked, where position j is
   checked only if the drafts before it passed; estimated vs ar = (1 + a_1 + a_1 a_2) / (verify's decode
   ms per pass / ar's); observed = the measured tokens/s ratio. "verify" drafts from the co-occurrence-
@@ -235,22 +264,53 @@ DEFINITIONS = """\
 """
 
 
+def device_line(env: dict) -> str:
+    """The device in one line: CPU (board), cores, memory, GPU, ONNX Runtime and its providers."""
+    cpu = env["cpu_model"] + (f" ({env['device_model']})" if env.get("device_model") else "")
+    cores = f"{env.get('physical_cores') or '?'} cores / {env['logical_cpus']} logical CPUs"
+    parts = [cpu, cores]
+    if env.get("memory_total_gb") is not None:
+        parts.append(f"{env['memory_total_gb']:g} GB")
+    for gpu in env.get("gpus") or []:
+        parts.append(f"GPU {gpu['name']} ({gpu['memory']}, driver {gpu['driver']})")
+    ort = env.get("onnxruntime")
+    if ort:  # results written before the record named ONNX Runtime's providers give the version alone
+        providers = ", ".join(p.removesuffix("ExecutionProvider") for p in ort["available_providers"])
+        parts.append(f"onnxruntime {ort['version']} (providers: {providers})")
+    else:
+        parts.append(f"onnxruntime {env['versions']['onnxruntime']}")
+    return "; ".join(parts)
+
+
+def skipped_lines(result: dict) -> list[str]:
+    return [f"- {s['note']}" for s in result.get("skipped", [])]
+
+
 def bench_markdown(result: dict) -> str:
     env, s = result["environment"], result["settings"]
     counts = ", ".join(f"{n} {k}" for k, n in s["prompt_counts"].items())
+    torch = env["versions"]["torch"] or "not installed"
     parts = [
         f"# dynamo-bench: {env['artifact']}",
         "",
-        f"{env['cpu_model']}, {env['logical_cpus']} logical CPUs, {env['threads']} thread(s), provider "
-        f"{env['provider']}; onnxruntime {env['versions']['onnxruntime']}, numpy {env['versions']['numpy']}, "
-        f"torch {env['versions']['torch']}; manifest sha256 {str(env['manifest_sha256'])[:12]}, commit "
-        f"{env['git_commit']}.",
+        f"Device: {device_line(env)}.",
+        f"Run: provider {env['provider']}, {env['threads']} thread(s); numpy {env['versions']['numpy']}, "
+        f"torch {torch}; manifest sha256 {str(env['manifest_sha256'])[:12]}, commit {env['git_commit']}.",
         f"Prompts: {counts}; seeds {s['seeds']}; {s['max_new_tokens']} new tokens; {s['repeats']} timed rounds "
         f"after {s['warmup']} warm-up call(s) per runner; judge: {s['judge']}.",
+    ]
+    if result.get("skipped"):
+        parts += ["", "Skipped on this install:", *skipped_lines(result)]
+    parts += [
         "",
         "## Latency (median over rounds unless marked best)",
         "",
         latency_table(result),
+        "",
+        "## Latency per call (p50 / p90 over every timed call: a call's time to first token, its mean decode "
+        "time per pass and per token)",
+        "",
+        per_call_table(result),
         "",
         "## Wall-clock speed-ups (median tokens/s ratios, same prompts, seeds and lengths, same run)",
         "",

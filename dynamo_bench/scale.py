@@ -42,19 +42,11 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from converters.artifact import export_artifact
 from dynamo_bench.errors import BenchError
+from dynamo_bench.sizes import PYTHIA, PYTHIA_CONTEXT, PYTHIA_VOCAB
 from dynamo_export.modeling import DynaMoForCausalLM
 from runtime import DynaMoRuntime
 from runtime.session import KVCache
 
-# name -> (hidden, layers, attention heads); intermediate = 4 x hidden, Pythia's shared vocabulary and context.
-PYTHIA = {
-    "70m": (512, 6, 8),
-    "160m": (768, 12, 12),
-    "410m": (1024, 24, 16),
-    "1b": (2048, 16, 8),
-}
-PYTHIA_VOCAB = 50304
-PYTHIA_CONTEXT = 2048
 PAST = 128
 NEW_TOKENS = (1, 3)
 # Peak RSS of an export over the fp32 weight bytes, measured with export_artifact(verify=False):
