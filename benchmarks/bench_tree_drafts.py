@@ -25,22 +25,14 @@ import time
 
 import numpy as np
 
+from dynamo_bench.prompts import PAPER_PROMPTS
 from runtime import DynaMoRuntime, SamplingConfig
 from runtime.draws import sample_ar
 from runtime.marginals import heads_topk
 from runtime.tokensets import tokens_plus
 from runtime.verify import ar_distribution, draft_distribution
 
-PROMPTS = [
-    "I am a student at the",
-    "This is going to be a very",
-    "He wanted to play, but",
-    "How can we",
-    "Please explain",
-    "The os module provides",
-    "def read_file(path):",
-    "To open a file for reading, use",
-]
+PROMPTS = [*PAPER_PROMPTS[:5], "The os module provides", "def read_file(path):", "import os\n"]
 WIDTHS = (1, 2, 3, 4)
 
 

@@ -176,22 +176,31 @@ static void stepper_dealloc(Stepper *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* What Stepper and Verifier are built from, (k, n, the six CSR tables): parsed into b and
+ * checked against each other into w's tables and vocabulary; -1 with an error set. */
+static int parse_tables(const char *who, int initialised, PyObject *args, PyObject *kwargs, Buffers *b, Py_ssize_t *k,
+                        Py_ssize_t *n, Workspace *w) {
+    if (initialised) return PyErr_Format(PyExc_ValueError, "%s: already initialised", who), -1;
+    if (kwargs && PyDict_GET_SIZE(kwargs)) return PyErr_Format(PyExc_ValueError, "%s: positional arguments only", who), -1;
+    if (!PyArg_ParseTuple(args, "nny*y*y*y*y*y*", k, n, &b->pair_indptr, &b->pair_indices, &b->pair_values,
+                          &b->triple_indptr, &b->triple_indices, &b->triple_values))
+        return -1;
+    w->vocab = b->pair_indptr.len / (Py_ssize_t)sizeof(int64_t) - 1;
+    if (*k < 1 || *k > w->vocab) return PyErr_Format(PyExc_ValueError, "%s: needs 1 <= k <= vocab", who), -1;
+    return tables_agree(b, w->vocab, &w->pairs, &w->triples);
+}
+
 static int stepper_init(Stepper *self, PyObject *args, PyObject *kwargs) {
     Buffers b;
     memset(&b, 0, sizeof(b));
     Py_ssize_t k, n_used;
     int result = -1;
-    if (self->w.rank) return fail("Stepper: already initialised");
-    if (kwargs && PyDict_GET_SIZE(kwargs)) return fail("Stepper: positional arguments only");
-    if (!PyArg_ParseTuple(args, "nny*y*y*y*y*y*", &k, &n_used, &b.pair_indptr, &b.pair_indices, &b.pair_values,
-                          &b.triple_indptr, &b.triple_indices, &b.triple_values))
-        goto done;
-    Py_ssize_t vocab = b.pair_indptr.len / (Py_ssize_t)sizeof(int64_t) - 1;
-    if (n_used < 2 || n_used > MAX_ORDER || k < 1 || k > vocab) {
-        fail("Stepper: needs 2 or 3 heads and 1 <= k <= vocab");
+    if (parse_tables("Stepper", self->w.rank != NULL, args, kwargs, &b, &k, &n_used, &self->w) < 0) goto done;
+    Py_ssize_t vocab = self->w.vocab;
+    if (n_used < 2 || n_used > MAX_ORDER) {
+        fail("Stepper: needs 2 or 3 heads");
         goto done;
     }
-    if (tables_agree(&b, vocab, &self->w.pairs, &self->w.triples) < 0) goto done;
     if (n_used == 3 && self->w.triples.rows != self->w.pairs.nnz) {
         fail("Stepper: three heads need the triple table");
         goto done;
@@ -199,7 +208,6 @@ static int stepper_init(Stepper *self, PyObject *args, PyObject *kwargs) {
     Py_ssize_t cells = n_used == 3 ? k * k * k : k * k;
     self->k = k;
     self->n_used = n_used;
-    self->w.vocab = vocab;
     self->w.capacity = self->w.work_third = self->w.point_third = cells;
     self->w.pair_capacity = k * k;
     self->w.rank = PyMem_Malloc((size_t)vocab * sizeof(int32_t));
@@ -407,20 +415,14 @@ static int verifier_init(Verifier *self, PyObject *args, PyObject *kwargs) {
     memset(&b, 0, sizeof(b));
     Py_ssize_t k, n_drafts;
     int result = -1;
-    if (self->w.rank) return fail("Verifier: already initialised");
-    if (kwargs && PyDict_GET_SIZE(kwargs)) return fail("Verifier: positional arguments only");
-    if (!PyArg_ParseTuple(args, "nny*y*y*y*y*y*", &k, &n_drafts, &b.pair_indptr, &b.pair_indices, &b.pair_values,
-                          &b.triple_indptr, &b.triple_indices, &b.triple_values))
-        goto done;
-    Py_ssize_t vocab = b.pair_indptr.len / (Py_ssize_t)sizeof(int64_t) - 1;
-    if (n_drafts < 1 || n_drafts > MAX_ORDER || k < 1 || k > vocab) {
-        fail("Verifier: needs 1 to 3 drafts and 1 <= k <= vocab");
+    if (parse_tables("Verifier", self->w.rank != NULL, args, kwargs, &b, &k, &n_drafts, &self->w) < 0) goto done;
+    Py_ssize_t vocab = self->w.vocab;
+    if (n_drafts < 1 || n_drafts > MAX_ORDER) {
+        fail("Verifier: needs 1 to 3 drafts");
         goto done;
     }
-    if (tables_agree(&b, vocab, &self->w.pairs, &self->w.triples) < 0) goto done;
     self->k = k;
     self->n_drafts = n_drafts;
-    self->w.vocab = vocab;
     self->w.rank = PyMem_Malloc((size_t)vocab * sizeof(int32_t));
     self->select = PyMem_Malloc(marginals_scratch_bytes(vocab, k));
     self->ids = PyMem_Malloc((size_t)k * sizeof(int64_t));

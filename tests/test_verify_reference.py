@@ -11,26 +11,14 @@ import pytest
 from scipy import stats
 
 from converters.cli import main as export_main
+from dynamo_bench.prompts import PAPER_PROMPTS
 from runtime import DynaMoRuntime, SamplingConfig
 from runtime.draws import sample_ar
 from runtime.tokensets import tokens_plus
 from runtime.verify import Verified, Verifier, ar_distribution, draw_residual
 
 MODEL = Path(__file__).resolve().parents[1] / "artifacts" / "reference-t3"
-PROMPTS = (  # the paper's sentence-completion set and `make run`'s in-domain prompts
-    "I am a student at the",
-    "This is going to be a very",
-    "He wanted to play, but",
-    "How can we",
-    "What will",
-    "Will you",
-    "Please explain",
-    "Do not",
-    "Wow! I can't believe that",
-    "This is amazing! We",
-    "The os module provides",
-    "To open a file for reading, use",
-)
+PROMPTS = (*PAPER_PROMPTS, "The os module provides", "To open a file for reading, use")  # + make run's
 SAMPLES = 1200  # generations per mode, each from its own seed
 ALPHA = 1e-3
 
