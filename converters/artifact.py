@@ -29,10 +29,17 @@ from tqdm.auto import tqdm
 from transformers import GPTNeoXConfig
 
 from converters.errors import ExportError
+from converters.heldout import (
+    DEFAULT_SEQ_LEN,
+    DEFAULT_WINDOWS,
+    HeldoutReport,
+    check_eval_tokens,
+    heldout_perplexity,
+)
 from converters.io_spec import IOSpec, check_graph_io, io_spec
 from converters.onnx_export import check_shared_projection, export_onnx
-from converters.optimize import fuse, quantize_int8, save_onnx, to_fp16
-from converters.verify import ParityReport, verify_graph
+from converters.optimize import Int4Config, fuse, quantize_int4, quantize_int8, save_onnx, to_fp16
+from converters.verify import ParityReport, provider_for, verify_graph
 from dynamo_export.checkpoint import checkpoint_kind
 from dynamo_export.config import DynaMoConfig
 from dynamo_export.errors import CheckpointError
@@ -73,6 +80,7 @@ class ExportResult:
     parity: ParityReport | None
     seconds: dict[str, float] = field(default_factory=dict)  # per step
     fused: dict[str, int] = field(default_factory=dict)
+    heldout: HeldoutReport | None = None  # with eval_tokens
 
 
 @dataclass(frozen=True)
@@ -83,11 +91,15 @@ class _Plan:
     out: Path
     cooccurrence: Path | None
     dtype: str
+    int4: Int4Config | None  # with dtype int4
     opset: int
     external_data: str
     optimize: bool
     verify: bool
     force: bool
+    eval_tokens: Path | None
+    eval_windows: int
+    eval_seq_len: int
 
 
 def default_out(model_path: str | os.PathLike, dtype: str) -> Path:
@@ -106,17 +118,29 @@ def export_artifact(
     verify: bool = True,
     force: bool = False,
     progress: bool = True,
+    int4: Int4Config | None = None,
+    eval_tokens: str | os.PathLike | None = None,
+    eval_windows: int | None = None,
 ) -> ExportResult:
     """Export a DynaMo (or plain GPT-NeoX, as one head) checkpoint to an artifact directory.
 
+    `int4` sets dtype int4's block size and symmetry (default Int4Config()).
+    `eval_tokens`, a held-out token file, adds the graph's PPL_1..n next to the
+    float32 model's on `eval_windows` windows (default 16) to the report and the
+    manifest (converters/heldout.py).
+
     All options are checked before any work starts. Raises CheckpointError for a
     bad checkpoint, ExportError for bad options, an unwritable or occupied `out`,
-    a co-occurrence directory that does not fit, or a graph that breaks the I/O
-    contract, and ParityError when verification fails.
+    a co-occurrence directory or token file that does not fit, or a graph that
+    breaks the I/O contract, and ParityError when verification fails.
     """
-    plan = _plan(model_path, out, cooccurrence, dtype, opset, external_data, optimize, verify, force)
+    plan = _plan(
+        model_path, out, cooccurrence, dtype, opset, external_data, optimize, verify, force,
+        int4, eval_tokens, eval_windows,
+    )  # fmt: skip
     steps = ["load", "export", *(["fuse"] if optimize else []), *([dtype] if dtype != "fp32" else [])]
-    steps += ["save", *(["verify"] if verify else []), "manifest", "install"]
+    steps += ["save", *(["verify"] if verify else []), *(["heldout"] if eval_tokens else [])]
+    steps += ["manifest", "install"]
     created = _missing_ancestors(plan.out.parent)
     try:
         plan.out.parent.mkdir(parents=True, exist_ok=True)
@@ -159,9 +183,12 @@ def _build(plan: _Plan, staging: Path, step, result: ExportResult) -> None:
             current = work / "fused" / MODEL_FILE
     if plan.dtype != "fp32":
         with step(plan.dtype):
-            convert = to_fp16 if plan.dtype == "fp16" else quantize_int8
-            convert(current, work / plan.dtype / MODEL_FILE)
-            current = work / plan.dtype / MODEL_FILE
+            target = work / plan.dtype / MODEL_FILE
+            if plan.dtype == "int4":
+                quantize_int4(current, target, plan.int4)
+            else:
+                (to_fp16 if plan.dtype == "fp16" else quantize_int8)(current, target)
+            current = target
     spec = io_spec(config, cache_dtype=CACHE_DTYPE[plan.dtype])  # the logits stay float32 at every dtype
     with step("save"):
         external = _save_final(current, built / MODEL_FILE, plan.external_data)
@@ -169,11 +196,17 @@ def _build(plan: _Plan, staging: Path, step, result: ExportResult) -> None:
     if plan.verify:
         with step("verify"):
             result.parity = verify_graph(model, built / MODEL_FILE, spec, plan.dtype)
+    if plan.eval_tokens is not None:
+        with step("heldout"):
+            result.heldout = heldout_perplexity(
+                model, built / MODEL_FILE, spec, plan.eval_tokens, plan.eval_windows, plan.eval_seq_len,
+                provider_for(plan.dtype),
+            )  # fmt: skip
     with step("manifest"):
         if (plan.model_path / TOKENIZER_FILE).is_file():
             shutil.copyfile(plan.model_path / TOKENIZER_FILE, built / TOKENIZER_FILE)
         fusions = result.fused if plan.optimize else None
-        manifest = _write_manifest(built, plan, config, spec, external, result.parity, fusions)
+        manifest = _write_manifest(built, plan, config, spec, external, result, fusions)
     with step("install"):
         _make_shareable(built)
         install_directory(built, plan.out, overwrite=plan.force)
@@ -183,7 +216,10 @@ def _build(plan: _Plan, staging: Path, step, result: ExportResult) -> None:
 # -- planning: every check that can run before the work starts ---------------------------------------
 
 
-def _plan(model_path, out, cooccurrence, dtype, opset, external_data, optimize, verify, force) -> _Plan:
+def _plan(
+    model_path, out, cooccurrence, dtype, opset, external_data, optimize, verify, force,
+    int4, eval_tokens, eval_windows,
+) -> _Plan:  # fmt: skip
     problems = []
     if dtype not in WEIGHT_DTYPES:
         problems.append(f"--dtype {dtype!r} is not one of {list(WEIGHT_DTYPES)}")
@@ -192,6 +228,20 @@ def _plan(model_path, out, cooccurrence, dtype, opset, external_data, optimize, 
         problems.append(f"--opset {opset!r} must be an integer in {MIN_OPSET}..{max_opset}")
     if external_data not in EXTERNAL_DATA:
         problems.append(f"--external-data {external_data!r} is not one of {list(EXTERNAL_DATA)}")
+    if int4 is not None and dtype != "int4":
+        problems.append(
+            f"--int4-block-size/--int4-symmetric apply to --dtype int4 only, not {dtype!r}: "
+            "drop them or pass --dtype int4"
+        )
+    elif int4 is not None and not isinstance(int4, Int4Config):
+        problems.append(f"int4 must be an Int4Config, got {type(int4).__name__}")
+    elif int4 is not None:
+        problems += int4.problems()
+    if eval_windows is not None and eval_tokens is None:
+        problems.append("--eval-windows needs --eval-tokens: pass a held-out token file or drop it")
+    elif eval_windows is not None and (isinstance(eval_windows, bool) or not isinstance(eval_windows, int)
+                                       or eval_windows < 1):  # fmt: skip
+        problems.append(f"--eval-windows {eval_windows!r} must be an integer >= 1")
     if problems:
         raise ExportError("invalid export options: " + "; ".join(problems))
 
@@ -208,6 +258,10 @@ def _plan(model_path, out, cooccurrence, dtype, opset, external_data, optimize, 
         raise ExportError(
             f"--cooccurrence {cooccurrence} is not a directory: pass a dynamo-cooccur output directory"
         )
+    heads = getattr(config, "num_token_heads", 1)  # a GPT-NeoX checkpoint exports as one head
+    eval_seq_len = min(DEFAULT_SEQ_LEN, config.max_position_embeddings)
+    if eval_tokens is not None:
+        check_eval_tokens(eval_tokens, config.vocab_size, heads, eval_seq_len)
     return _Plan(
         model_path=model_path,
         kind=kind,
@@ -215,11 +269,15 @@ def _plan(model_path, out, cooccurrence, dtype, opset, external_data, optimize, 
         out=out,
         cooccurrence=Path(cooccurrence) if cooccurrence is not None else None,
         dtype=dtype,
+        int4=(int4 or Int4Config()) if dtype == "int4" else None,
         opset=opset,
         external_data=external_data,
         optimize=optimize,
         verify=verify,
         force=force,
+        eval_tokens=Path(eval_tokens) if eval_tokens is not None else None,
+        eval_windows=eval_windows or DEFAULT_WINDOWS,
+        eval_seq_len=eval_seq_len,
     )
 
 
@@ -313,7 +371,7 @@ def _write_manifest(
     config: DynaMoConfig,
     spec: IOSpec,
     external: bool,
-    parity: ParityReport | None,
+    result: ExportResult,
     fused: dict[str, int] | None,
 ) -> Manifest:
     heads = config.num_token_heads
@@ -341,15 +399,15 @@ def _write_manifest(
             dtype=plan.dtype,
             cache_dtype=spec.cache_dtype,
             logits_dtype=spec.logits_dtype,
-            opset=plan.opset,
+            opset=_default_opset(built / MODEL_FILE),  # int4 raises --opset to 21 (converters/optimize.py)
             inputs=spec.inputs,
             outputs=spec.outputs,
         ),
         tokenizer=TOKENIZER_FILE if (built / TOKENIZER_FILE).is_file() else None,
         cooccurrence=COOCCURRENCE_DIR if (built / COOCCURRENCE_DIR).is_dir() else None,
         sampling_defaults=sampling.to_dict(),
-        producer=_producer(fused),
-        verification=parity.to_dict() if parity else {"status": "skipped (--no-verify)"},
+        producer=_producer(fused, plan.int4),
+        verification=_verification(result),
         files=inventory(built),
     )
     (built / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
@@ -359,7 +417,19 @@ def _write_manifest(
     return written
 
 
-def _producer(fused: dict[str, int] | None) -> dict[str, str]:
+def _default_opset(graph: Path) -> int:
+    opsets = {o.domain: o.version for o in onnx.load(str(graph), load_external_data=False).opset_import}
+    return opsets.get("", opsets.get("ai.onnx", 0))
+
+
+def _verification(result: ExportResult) -> dict:
+    figures = result.parity.to_dict() if result.parity else {"status": "skipped (--no-verify)"}
+    if result.heldout is not None:
+        figures["heldout"] = result.heldout.to_dict()
+    return figures
+
+
+def _producer(fused: dict[str, int] | None, int4: Int4Config | None) -> dict[str, str]:
     versions = {
         name: metadata.version(name)
         for name in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript")
@@ -367,7 +437,10 @@ def _producer(fused: dict[str, int] | None) -> dict[str, str]:
     fusions = (
         "off" if fused is None else ", ".join(f"{op}={n}" for op, n in sorted(fused.items())) or "none found"
     )
-    return {**versions, "exporter": "torch.onnx.export(dynamo=True)", "ort_transformer_fusions": fusions}
+    producer = {**versions, "exporter": "torch.onnx.export(dynamo=True)", "ort_transformer_fusions": fusions}
+    if int4 is not None:
+        producer["quantization"] = int4.describe()
+    return producer
 
 
 def _make_shareable(root: Path) -> None:

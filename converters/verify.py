@@ -13,7 +13,12 @@ reference is always the float32 PyTorch model, so fp16/int8 figures measure the
 distance from the model, not from another export. fp32 must agree to 1e-4;
 fp16 and int8 cannot, and are held to per-head top-1 agreement instead (0.95
 and 0.90 over the schedule's 31 real positions: one or three near-ties may flip),
-with their max diff and greedy agreement reported.
+with their max diff and greedy agreement reported. int4 is held to 0.60: its
+4-bit blocks move logits by ~0.5 on the tests' 32-wide random model, whose
+heads then agree on 0.71-0.94 of the positions (0.65 at block 16, symmetric),
+while the trained reference model's agree on 0.935-0.968; a graph that
+computes something else agrees on about 1/vocabulary. What int4 costs on text
+is measured by the held-out perplexities (converters/heldout.py).
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ TOLERANCES = {
     "fp32": Tolerance(max_abs_diff=1e-4, min_top1=None, greedy_must_match=True),
     "fp16": Tolerance(max_abs_diff=None, min_top1=0.95, greedy_must_match=False),
     "int8": Tolerance(max_abs_diff=None, min_top1=0.90, greedy_must_match=False),
+    "int4": Tolerance(max_abs_diff=None, min_top1=0.60, greedy_must_match=False),
 }
 
 

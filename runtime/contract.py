@@ -49,12 +49,15 @@ TOTAL = "past + seq"
 
 # -- dtypes -------------------------------------------------------------------------------------------
 
-WEIGHT_DTYPES = ("fp32", "fp16", "int8")  # how the weights are stored (dynamo-export --dtype)
+WEIGHT_DTYPES = ("fp32", "fp16", "int8", "int4")  # how the weights are stored (dynamo-export --dtype)
 FLOAT_DTYPES = ("float32", "float16")  # the cache and the logits
 TENSOR_DTYPES = ("int64", *FLOAT_DTYPES)  # any graph input or output (ONNX-style names, as numpy spells them)
-# The cache's dtype for each weight dtype: int8 quantizes the weight MatMuls only, activations stay float32.
-CACHE_DTYPE = {"fp32": "float32", "fp16": "float16", "int8": "float32"}
+# The cache's dtype for each weight dtype: int8 and int4 quantize weights only, activations stay float32.
+CACHE_DTYPE = {"fp32": "float32", "fp16": "float16", "int8": "float32", "int4": "float32"}
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
+# int4's weight blocks (dynamo-export --int4-block-size): the powers of two that ONNX Runtime's MatMulNBits and
+# GatherBlockQuantized kernels take, 16..256 weights along the input axis per scale.
+INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 # -- execution providers ------------------------------------------------------------------------------
 

@@ -20,8 +20,15 @@ attributes, subgraphs):
   checks had gaps (external paths of sparse tensors up to 1.26, out-of-bounds
   reads on Loop/Scan bodies fixed in 1.30.1);
 - operator domains are the ones the exporter emits: the default ONNX domain
-  and `com.microsoft` (ORT's transformer fusions, `--optimize`); the default
-  domain's opset is the manifest's;
+  and `com.microsoft` (ORT's transformer fusions, `--optimize`, and int4's
+  quantized operators); the default domain's opset is the manifest's;
+- ONNX Runtime's quantized-weight operators, MatMulNBits and
+  GatherBlockQuantized, appear only in a graph whose manifest says int4, in
+  com.microsoft, and exactly as onnxruntime's MatMulNBitsQuantizer writes them
+  (converters/optimize.py, quantize_int4): 4-bit blocks of a size ORT runs,
+  weights, scales and zero points held in initializers whose dtypes and shapes
+  are the ones the node's attributes imply, so a kernel never indexes past
+  the bytes it was given;
 - the graph's inputs and outputs are the manifest's: names, element types,
   ranks, named and fixed axes.
 
@@ -35,15 +42,18 @@ import os
 import stat
 from pathlib import Path, PurePosixPath
 
-from runtime.contract import LOGITS, TOKEN_INPUTS
+from runtime.contract import INT4_BLOCK_SIZES, LOGITS, TOKEN_INPUTS
 from runtime.errors import GraphError
-from runtime.manifest import Manifest
-from runtime.onnx_reader import DATA_TYPES, MAX_RANK, TYPED_FIELD, OnnxFile, OnnxTensor, read_onnx
+from runtime.manifest import MAX_SIZE, Manifest
+from runtime.onnx_reader import DATA_TYPES, MAX_RANK, TYPED_FIELD, OnnxFile, OnnxNode, OnnxTensor, read_onnx
 
-ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "com.microsoft"})
+MS_DOMAIN = "com.microsoft"
+ALLOWED_DOMAINS = frozenset({"", "ai.onnx", MS_DOMAIN})
 DEFAULT_DOMAINS = frozenset({"", "ai.onnx"})
 EXTERNAL_KEYS = frozenset({"location", "offset", "length", "checksum"})
 ORT_MEMORY_MARKER = "_ORT_MEM_ADDR_"
+QUANTIZED_DTYPE = "int4"  # the manifest dtype whose graph holds the quantized-weight operators
+MAX_LISTED = 5  # problems named per kind; the rest are counted
 
 
 def check_graph(root: str | os.PathLike, manifest: Manifest) -> OnnxFile:
@@ -56,6 +66,7 @@ def check_graph(root: str | os.PathLike, manifest: Manifest) -> OnnxFile:
     ]
     problems += _contract_problems(manifest)
     problems += _domain_problems(info, manifest)
+    problems += _quantized_problems(info, manifest)
     problems += _io_problems(info, manifest)
     if problems:
         raise GraphError(f"{graph_file} is rejected: " + "; ".join(problems))
@@ -114,6 +125,115 @@ def _domain_problems(info: OnnxFile, manifest: Manifest) -> list[str]:
         problems.append(
             f"the default-domain opset is {sorted(default)}, the manifest says {manifest.graph.opset}"
         )
+    return problems
+
+
+def _quantized_problems(info: OnnxFile, manifest: Manifest) -> list[str]:
+    """MatMulNBits / GatherBlockQuantized: only in an int4 graph, only as the quantizer writes them."""
+    checks = {"MatMulNBits": _matmul_nbits_problems, "GatherBlockQuantized": _gather_quantized_problems}
+    problems = [
+        f"operator {op} in domain {domain or 'ai.onnx'!r}: dynamo-export emits it only in {MS_DOMAIN!r}"
+        for domain, op in sorted(info.op_types)
+        if op in checks and domain != MS_DOMAIN
+    ]
+    nodes = [node for node in info.contrib_nodes if node.domain == MS_DOMAIN and node.op_type in checks]
+    if nodes and manifest.graph.dtype != QUANTIZED_DTYPE:
+        problems.append(
+            f"{len(nodes)} quantized-weight nodes ({nodes[0].op_type}, ...) in a graph the manifest calls "
+            f"{manifest.graph.dtype!r}: dynamo-export emits them only with --dtype {QUANTIZED_DTYPE}"
+        )
+        return problems
+    found = []
+    for node in nodes:
+        where = f"node {node.name or node.op_type!r} ({node.op_type})"
+        if node.repeated:
+            found.append(f"{where} repeats the attributes {sorted(set(node.repeated))}")
+            continue
+        found += [f"{where} {problem}" for problem in checks[node.op_type](node, info)]
+    if len(found) > MAX_LISTED:
+        found = [*found[:MAX_LISTED], f"and {len(found) - MAX_LISTED} more quantized-node problems"]
+    return problems + found
+
+
+def _integer_attributes(node: OnnxNode, required: set[str], optional: set[str]) -> dict[str, int] | None:
+    """The node's attributes when they are exactly `required` plus some of `optional`, all integers."""
+    names = set(node.attributes)
+    if not required <= names <= required | optional or any(v is None for v in node.attributes.values()):
+        return None
+    return {name: int(value) for name, value in node.attributes.items() if value is not None}
+
+
+def _matmul_nbits_problems(node: OnnxNode, info: OnnxFile) -> list[str]:
+    """A (.., K) x 4-bit B (K, N): B (N, blocks, block/2) uint8, scales (N, blocks), zero points (N, ceil(blocks/2))."""
+    attrs = _integer_attributes(node, {"K", "N", "bits", "block_size"}, {"accuracy_level"})
+    if attrs is None:
+        return [
+            f"has attributes {sorted(node.attributes)}; expected integers K, N, bits, block_size[, accuracy_level]"
+        ]
+    k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
+    if attrs["bits"] != 4 or block not in INT4_BLOCK_SIZES or not (0 < k <= MAX_SIZE and 0 < n <= MAX_SIZE):
+        return [
+            f"has bits {attrs['bits']}, block_size {block}, K {k}, N {n}; expected 4 bits in blocks of "
+            f"{list(INT4_BLOCK_SIZES)} and sizes in [1, {MAX_SIZE}]"
+        ]
+    if attrs.get("accuracy_level", 0) not in range(5):
+        return [f"has accuracy_level {attrs['accuracy_level']}; ONNX Runtime knows 0..4"]
+    if len(node.inputs) not in (3, 4):
+        return [f"has {len(node.inputs)} inputs; expected A, B, scales[, zero_points]"]
+    blocks = -(-k // block)
+    expected = [("B", "uint8", [n, blocks, block // 2]), ("scales", "float32", [n, blocks])]
+    if len(node.inputs) == 4:
+        expected.append(("zero_points", "uint8", [n, -(-blocks // 2)]))
+    return _initializer_problems(node.inputs[1:], expected, info)
+
+
+def _gather_quantized_problems(node: OnnxNode, info: OnnxFile) -> list[str]:
+    """The token embedding (V, H) in 4-bit blocks along H: scales and zero points (V, blocks)."""
+    attrs = _integer_attributes(node, {"gather_axis", "quantize_axis", "block_size"}, set())
+    if attrs is None:
+        return [
+            f"has attributes {sorted(node.attributes)}; expected integers gather_axis, quantize_axis, block_size"
+        ]
+    if (attrs["gather_axis"], attrs["quantize_axis"]) != (0, 1) or attrs[
+        "block_size"
+    ] not in INT4_BLOCK_SIZES:
+        return [
+            f"has gather_axis {attrs['gather_axis']}, quantize_axis {attrs['quantize_axis']}, block_size "
+            f"{attrs['block_size']}; expected rows gathered, blocks of {list(INT4_BLOCK_SIZES)} along the row"
+        ]
+    if len(node.inputs) not in (3, 4):
+        return [f"has {len(node.inputs)} inputs; expected data, indices, scales[, zero_points]"]
+    data = info.initializers.get(node.inputs[0])
+    dtype = DATA_TYPES.get(data.data_type, ("?", 0))[0] if data is not None else None
+    if data is None or len(data.dims) != 2 or dtype not in ("uint4", "int4"):
+        return ["reads data that is not a 2-D uint4/int4 initializer"]
+    if (dtype == "uint4") != (len(node.inputs) == 4):
+        return [f"has {dtype} data {'without' if dtype == 'uint4' else 'with'} zero points"]
+    rows, blocks = data.dims[0], -(-data.dims[1] // attrs["block_size"])
+    expected = [("data", dtype, data.dims), ("scales", "float32", [rows, blocks])]
+    if len(node.inputs) == 4:
+        expected.append(("zero_points", "uint4", [rows, blocks]))
+    return _initializer_problems([node.inputs[0], *node.inputs[2:]], expected, info)
+
+
+def _initializer_problems(
+    names: list[str], expected: list[tuple[str, str, list[int]]], info: OnnxFile
+) -> list[str]:
+    """Each of `names` an initializer, given once, of the (role, dtype, dims) expected of it."""
+    problems = []
+    for name, (role, dtype, dims) in zip(names, expected, strict=True):
+        tensor = info.initializers.get(name)
+        if tensor is None:
+            problems.append(f"reads its {role} {name!r} from somewhere other than an initializer")
+            continue
+        if name in info.repeated_initializers:
+            problems.append(f"reads its {role} {name!r}, a name the graph gives two initializers")
+            continue
+        found = DATA_TYPES.get(tensor.data_type, (f"type {tensor.data_type}", 0))[0]
+        if found != dtype or tensor.dims != dims:
+            problems.append(
+                f"has {role} {name!r} of {found} {tensor.dims}; its attributes imply {dtype} {dims}"
+            )
     return problems
 
 

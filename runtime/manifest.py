@@ -65,7 +65,7 @@ class ModelInfo:
 class GraphInfo:
     file: str
     external_data: str | None
-    dtype: str  # fp32 | fp16 | int8: how the weights are stored
+    dtype: str  # fp32 | fp16 | int8 | int4: how the weights are stored
     cache_dtype: str  # float32 | float16: the dtype of past/present tensors
     logits_dtype: str
     opset: int

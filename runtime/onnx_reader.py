@@ -14,8 +14,11 @@ tests compare what it reads with the `onnx` package on real exports.
 What it reads (`read_onnx` -> `OnnxFile`): the opset imports, every node's domain
 and op type (subgraphs included), every tensor (initializers, tensors inside node
 attributes, subgraphs) as an `OnnxTensor` whose typed values are counted, not
-decoded, and the main graph's inputs and outputs in the contract's own terms
-(name -> runtime.contract.TensorSpec). What the exporter never emits (sparse
+decoded, the main graph's inputs and outputs in the contract's own terms
+(name -> runtime.contract.TensorSpec), and the nodes outside the default domain
+(ONNX Runtime's contrib operators) with their inputs and integer attributes as
+`OnnxNode`s, so that the checks can hold a quantized operator's attributes
+against the initializers it reads. What the exporter never emits (sparse
 tensors, subgraphs, model-local functions, training info, graph inputs or outputs
 without a tensor shape) is listed in `OnnxFile.unsupported` for the checks to refuse.
 """
@@ -49,6 +52,7 @@ DATA_TYPES = {
 
 # Wire types (protobuf encoding spec).
 _VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
+_ATTRIBUTE_INT = 2  # AttributeProto.AttributeType.INT: ONNX Runtime reads `i` only from such an attribute
 # TensorProto typed-data fields: field number -> (wire type of one packed element, values per element).
 _FLOAT_DATA, _INT32_DATA, _STRING_DATA, _INT64_DATA, _DOUBLE_DATA, _UINT64_DATA = 4, 5, 6, 7, 10, 11
 TYPED_FIELD = {  # which typed field holds each data type, and how many entries one element takes
@@ -74,6 +78,18 @@ class OnnxTensor:
 
 
 @dataclass
+class OnnxNode:
+    """A node outside the default ONNX domain: what the checks read of it."""
+
+    name: str
+    domain: str
+    op_type: str
+    inputs: list[str]
+    attributes: dict[str, int | None]  # an INT attribute's value; None for an attribute of any other kind
+    repeated: list[str]  # names of attributes that appear more than once
+
+
+@dataclass
 class OnnxFile:
     """The parts of a ModelProto the checks read (`read_onnx`)."""
 
@@ -81,6 +97,9 @@ class OnnxFile:
     node_domains: dict[str, int] = field(default_factory=dict)  # domain -> node count (all graphs)
     op_types: set[tuple[str, str]] = field(default_factory=set)  # (domain, op_type)
     tensors: list[OnnxTensor] = field(default_factory=list)
+    initializers: dict[str, OnnxTensor] = field(default_factory=dict)  # the main graph's, by name (the first)
+    repeated_initializers: set[str] = field(default_factory=set)  # main-graph initializer names given twice
+    contrib_nodes: list[OnnxNode] = field(default_factory=list)  # nodes outside the default domain
     # The main graph's inputs and outputs in the file's order, repeats kept: (name, TensorSpec), its dtype
     # named as in DATA_TYPES ("type N" when unknown), an axis an int, a name or None (unknown); or
     # (name, None) when the file gives it no tensor shape.
@@ -268,7 +287,12 @@ def _read_graph(w: _Wire, start: int, end: int, info: OnnxFile, depth: int, labe
         if number == 1:
             _read_node(w, value, stop, info, depth)
         elif number == 5:
-            info.tensors.append(_read_tensor(w, value, stop, f"{label}initializer"))
+            tensor = _read_tensor(w, value, stop, f"{label}initializer")
+            info.tensors.append(tensor)
+            if depth == 0 and tensor.name in info.initializers:
+                info.repeated_initializers.add(tensor.name)
+            elif depth == 0:
+                info.initializers[tensor.name] = tensor
         elif number == 15:
             info.unsupported.append(f"a sparse initializer in {label or 'the main graph'}")
         elif number == 11 and depth == 0:
@@ -278,7 +302,7 @@ def _read_graph(w: _Wire, start: int, end: int, info: OnnxFile, depth: int, labe
 
 
 def _read_node(w: _Wire, start: int, end: int, info: OnnxFile, depth: int) -> None:
-    domain, op_type, name, attributes = "", "", "", []
+    domain, op_type, name, inputs, attributes = "", "", "", [], []
     for number, wire, value, stop in w.fields(start, end):
         if wire != _LEN:
             continue
@@ -288,17 +312,34 @@ def _read_node(w: _Wire, start: int, end: int, info: OnnxFile, depth: int) -> No
             op_type = w.text(value, stop)
         elif number == 3:
             name = w.text(value, stop)
+        elif number == 1:
+            inputs.append((value, stop))
         elif number == 5:
             attributes.append((value, stop))
     info.node_domains[domain] = info.node_domains.get(domain, 0) + 1
     info.op_types.add((domain, op_type))
+    values: dict[str, int | None] = {}
+    repeated = []
     for a_start, a_stop in attributes:
-        _read_attribute(w, a_start, a_stop, info, depth, f"node {name or op_type!r}")
+        key, number = _read_attribute(w, a_start, a_stop, info, depth, f"node {name or op_type!r}")
+        if key in values:
+            repeated.append(key)
+        values[key] = number
+    if domain not in ("", "ai.onnx"):
+        names = [w.text(i_start, i_stop) for i_start, i_stop in inputs]
+        info.contrib_nodes.append(OnnxNode(name, domain, op_type, names, values, repeated))
 
 
-def _read_attribute(w: _Wire, start: int, end: int, info: OnnxFile, depth: int, node: str) -> None:
-    name, tensors, graphs = "", [], []
+def _read_attribute(
+    w: _Wire, start: int, end: int, info: OnnxFile, depth: int, node: str
+) -> tuple[str, int | None]:
+    """(name, value of an INT attribute or None); tensors and subgraphs inside go into `info`."""
+    name, number_value, kind, tensors, graphs = "", None, 0, [], []
     for number, wire, value, stop in w.fields(start, end):
+        if number == 3 and wire == _VARINT:  # i
+            number_value = _signed(value)
+        elif number == 20 and wire == _VARINT:  # type: AttributeProto.AttributeType
+            kind = value
         if wire != _LEN:
             continue
         if number == 1:
@@ -315,6 +356,7 @@ def _read_attribute(w: _Wire, start: int, end: int, info: OnnxFile, depth: int, 
     for g_start, g_stop in graphs:
         info.unsupported.append(f"a subgraph in {where}")
         _read_graph(w, g_start, g_stop, info, depth + 1, f"{where} subgraph ")
+    return name, number_value if kind == _ATTRIBUTE_INT else None
 
 
 def _read_model(w: _Wire, size: int) -> OnnxFile:

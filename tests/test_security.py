@@ -415,6 +415,181 @@ def test_the_fused_graph_domain_is_accepted(copy):
     check_graph(copy, read_manifest(copy))
 
 
+# -- int4: ONNX Runtime's quantized-weight operators, only as the quantizer writes them ---------------
+
+
+@pytest.fixture(scope="module")
+def int4_art(art, tiny_dynamo_dir, tmp_path_factory) -> Path:
+    """The tiny DynaMo-T3 graph exported --dtype int4 (weights inline; no verification: test_int4.py's job)."""
+
+    def export_onnx(model, path, spec, opset):
+        path.parent.mkdir(parents=True)
+        for name in ("model.onnx", "model.onnx.data"):
+            shutil.copyfile(art / name, path.parent / name)
+        return path
+
+    out = tmp_path_factory.mktemp("int4") / "art"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(artifact, "export_onnx", export_onnx)
+        export_artifact(tiny_dynamo_dir, out=out, dtype="int4", verify=False, progress=False)
+    return out
+
+
+@pytest.fixture
+def int4_copy(int4_art, tmp_path) -> Path:
+    target = tmp_path / "int4"
+    shutil.copytree(int4_art, target)
+    return target
+
+
+def _node(model, op_type, output=None):
+    return next(
+        n for n in model.graph.node if n.op_type == op_type and (output is None or output in n.output)
+    )
+
+
+def _set_attribute(op_type, name, value, output=None):
+    def edit(model):
+        node = _node(model, op_type, output)
+        for attribute in node.attribute:
+            if attribute.name == name:
+                attribute.CopyFrom(helper.make_attribute(name, value))
+                return
+        node.attribute.append(helper.make_attribute(name, value))
+
+    return edit
+
+
+def _reshape_initializer(op_type, index, dims):
+    def edit(model):
+        name = _node(model, op_type, "logits" if op_type == "MatMulNBits" else None).input[index]
+        tensor = next(t for t in model.graph.initializer if t.name == name)
+        new = dims(list(tensor.dims))
+        del tensor.dims[:]
+        tensor.dims.extend(new)
+
+    return edit
+
+
+def _weight_from_a_node(model):
+    node = _node(model, "MatMulNBits", "logits")
+    model.graph.node.insert(0, helper.make_node("Identity", [node.input[1]], ["laundered"]))
+    node.input[1] = "laundered"
+
+
+def _mistyped_attribute(model):
+    """`i` set on an attribute whose type says FLOAT: ONNX Runtime would not read it as an integer."""
+    attribute = next(a for a in _node(model, "MatMulNBits", "logits").attribute if a.name == "K")
+    attribute.type = onnx.AttributeProto.FLOAT
+
+
+def _twice_named_weight(model):
+    """A second initializer under B's name: which one would ONNX Runtime use?"""
+    node = _node(model, "MatMulNBits", "logits")
+    model.graph.initializer.append(
+        helper.make_tensor(node.input[1], TensorProto.UINT8, [1], b"\x00", raw=True)
+    )
+
+
+def _repeat_attribute(model):
+    node = _node(model, "MatMulNBits", "logits")
+    node.attribute.append(helper.make_attribute("K", 4096))
+
+
+def _default_domain(model):
+    _node(model, "MatMulNBits", "logits").domain = ""
+
+
+def _uint8_embedding(model):
+    name = _node(model, "GatherBlockQuantized").input[0]
+    tensor = next(t for t in model.graph.initializer if t.name == name)
+    tensor.data_type = TensorProto.UINT8
+    tensor.dims[1] //= (
+        2  # the same bytes, now as uint8: what ORT reads with bits=4 and the checks did not admit
+    )
+
+
+def test_the_reader_sees_what_onnx_sees_in_an_int4_graph(int4_art):
+    model = onnx.load(str(int4_art / "model.onnx"), load_external_data=False)
+    info = read_onnx(int4_art / "model.onnx")
+    expected = [
+        (n.name, n.domain, n.op_type, list(n.input), {a.name: a.i for a in n.attribute})
+        for n in model.graph.node
+        if n.domain == "com.microsoft"
+    ]
+    found = [(n.name, n.domain, n.op_type, n.inputs, n.attributes) for n in info.contrib_nodes]
+    assert found == expected and len(found) == 1 + 5 * 4 + 1  # embedding, 5 layers x 4, embed_out
+    assert sorted((t.name, t.data_type, list(t.dims)) for t in model.graph.initializer) == sorted(
+        (t.name, t.data_type, t.dims) for t in info.initializers.values()
+    )
+    assert {t.data_type for t in info.initializers.values()} >= {TensorProto.UINT4, TensorProto.UINT8}
+
+
+def test_an_int4_artifact_passes_the_checks_and_loads(int4_art):
+    info = check_graph(int4_art, read_manifest(int4_art))
+    assert {op for domain, op in info.op_types if domain == "com.microsoft"} == {
+        "MatMulNBits",
+        "GatherBlockQuantized",
+    }
+    assert DynaMoRuntime.load(int4_art).generate(PROMPT, 4, SamplingConfig(mode="ar"), seed=0).token_ids
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (_set_attribute("MatMulNBits", "K", 4096, "logits"), r"B .* of uint8 \[100, 1, 16\]; its attributes imply uint8 \[100, 128, 16\]"),
+        (_set_attribute("MatMulNBits", "N", 101, "logits"), r"imply uint8 \[101, 1, 16\]"),
+        (_set_attribute("MatMulNBits", "bits", 8, "logits"), "has bits 8, .* expected 4 bits"),
+        (_set_attribute("MatMulNBits", "block_size", 48, "logits"), r"block_size 48, .* blocks of \[16, 32"),
+        (_set_attribute("MatMulNBits", "accuracy_level", 9, "logits"), "accuracy_level 9; ONNX Runtime knows 0..4"),
+        (_set_attribute("MatMulNBits", "K", 32.0, "logits"), "expected integers K, N, bits, block_size"),
+        (_set_attribute("MatMulNBits", "g_idx_hint", 1, "logits"), r"has attributes \['K', 'N', .*'g_idx_hint'"),
+        (_reshape_initializer("MatMulNBits", 2, lambda d: [d[0] * d[1]]), r"scales .* float32 \[100\]; its attributes imply float32 \[100, 1\]"),
+        (_weight_from_a_node, "B 'laundered' from somewhere other than an initializer"),
+        (_repeat_attribute, r"repeats the attributes \['K'\]"),
+        (_mistyped_attribute, "expected integers K, N, bits, block_size"),
+        (_twice_named_weight, "a name the graph gives two initializers"),
+        (_default_domain, "operator MatMulNBits in domain 'ai.onnx': dynamo-export emits it only in 'com.microsoft'"),
+        (_set_attribute("GatherBlockQuantized", "quantize_axis", 0), "quantize_axis 0, .* expected rows gathered"),
+        (_set_attribute("GatherBlockQuantized", "bits", 8), r"has attributes \['bits', 'block_size'"),
+        (_reshape_initializer("GatherBlockQuantized", 2, lambda d: [d[0], d[1] + 1]), r"scales .* float32 \[100, 2\]; its attributes imply float32 \[100, 1\]"),
+        (_uint8_embedding, "reads data that is not a 2-D uint4/int4 initializer"),
+    ],
+    ids=[
+        "K past B", "N past B", "bits", "block size", "accuracy level", "float attribute", "unknown attribute",
+        "flat scales", "B from a node", "repeated attribute", "mistyped attribute", "twice-named weight",
+        "default domain", "quantize axis", "gather bits", "gather scales", "uint8 embedding",
+    ],
+)  # fmt: skip
+def test_quantized_operators_only_as_the_quantizer_writes_them(int4_copy, no_ort, edit, message):
+    edit_graph(int4_copy, edit)
+    with pytest.raises(GraphError, match=message):
+        DynaMoRuntime.load(int4_copy)
+
+
+def test_quantized_operators_only_in_an_int4_graph(int4_copy, no_ort):
+    edit_manifest(int4_copy, lambda raw: raw["graph"].__setitem__("dtype", "int8"))
+    with pytest.raises(
+        GraphError, match=r"22 quantized-weight nodes .* calls 'int8': .* only with --dtype int4"
+    ):
+        DynaMoRuntime.load(int4_copy)
+
+
+@settings(HYPOTHESIS, max_examples=100)
+@given(
+    cut=st.integers(0, 10**6),
+    flips=st.lists(st.tuples(st.integers(0, 10**6), st.integers(1, 255)), max_size=6),
+    insert=st.binary(max_size=16),
+)
+def test_fuzz_int4_graph_reading_raises_only_typed_errors(int4_art, tmp_path_factory, cut, flips, insert):
+    root = tmp_path_factory.mktemp("graph4")
+    for name in ("model.onnx", MANIFEST_NAME):
+        shutil.copyfile(int4_art / name, root / name)
+    (root / "model.onnx").write_bytes(_mutate((root / "model.onnx").read_bytes(), cut, flips, insert))
+    with contextlib.suppress(GraphError):
+        check_graph(root, read_manifest(int4_art))
+
+
 # -- files, hashes, truncation and bit flips ---------------------------------------------------------
 
 
