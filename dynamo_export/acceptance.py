@@ -22,6 +22,13 @@ penalty, which depends on the generated history, is off). Drafts:
     top-k, else ∝ f_3(c) W(x[t+2], c) if that pair row does;
   and the marginal otherwise. Heads beyond 3 keep their marginal.
 
+Tokens per pass. A verify pass emits the accepted drafts plus one token, and
+draft i is only checked once drafts 2..i-1 passed, so with a_i(t) the
+acceptance at position t the pass emits 1 + sum_i prod_{j<=i} a_j(t) tokens in
+expectation. `tokens_per_pass` averages that over the positions: an estimate,
+because teacher forcing conditions each a_j(t) on the true earlier tokens
+rather than on the accepted drafts.
+
 Positions. Windows of seq_len + n tokens start every seq_len tokens (as in
 evaluation.py); in each, positions t < seq_len - n + 1 are scored, the ones
 where head 1's position t+n-1 is still inside the window, so every draft
@@ -57,15 +64,19 @@ class AcceptanceResult:
     temperature: float
     top_k: int
     marginal: list[float]  # alpha_i for i = 2..n, q_i = head i's marginal
+    tokens_per_pass: float  # 1 + mean_t sum_i prod_{j<=i} a_j(t), marginal drafts
     conditioned: list[float] | None = None  # the same with co-occurrence-conditioned drafts
+    tokens_per_pass_cond: float | None = None
     # Share of positions whose draft used the masks: {"q2_pairs", "q3_triples", "q3_pairs"}.
     mask_use: dict[str, float] | None = None
 
     def metrics(self) -> dict[str, float]:
-        """{"alpha_2": .., "alpha_3": .., "alpha_2_cond": .., ...}."""
+        """{"alpha_2": .., "alpha_3": .., "tokens_per_pass": .., "alpha_2_cond": .., ...}."""
         out = {f"alpha_{i + 2}": a for i, a in enumerate(self.marginal)}
-        for i, a in enumerate(self.conditioned or []):
-            out[f"alpha_{i + 2}_cond"] = a
+        out["tokens_per_pass"] = self.tokens_per_pass
+        if self.conditioned is not None:
+            out.update({f"alpha_{i + 2}_cond": a for i, a in enumerate(self.conditioned)})
+            out["tokens_per_pass_cond"] = self.tokens_per_pass_cond
         return out
 
     def to_json(self) -> dict:
@@ -211,6 +222,8 @@ class _Sums:
         self.n, self.positions = n, 0
         self.marginal = torch.zeros(n - 1, dtype=torch.float64)
         self.conditioned = torch.zeros(n - 1, dtype=torch.float64) if conditioned else None
+        self.chain = torch.zeros((), dtype=torch.float64)  # sum_t sum_i prod_{j<=i} a_j(t)
+        self.chain_cond = torch.zeros((), dtype=torch.float64)
         self.mask_use = dict.fromkeys(("q2_pairs", "q3_triples", "q3_pairs"), 0) if conditioned else None
 
     def result(self, seq_len: int, windows: int, temperature: float, top_k: int) -> AcceptanceResult:
@@ -223,7 +236,9 @@ class _Sums:
             temperature=temperature,
             top_k=top_k,
             marginal=(self.marginal / count).tolist(),
+            tokens_per_pass=1.0 + float(self.chain) / count,
             conditioned=None if self.conditioned is None else (self.conditioned / count).tolist(),
+            tokens_per_pass_cond=None if self.conditioned is None else 1.0 + float(self.chain_cond) / count,
             mask_use=None if self.mask_use is None else {k: v / count for k, v in self.mask_use.items()},
         )
 
@@ -235,10 +250,15 @@ def _score_batch(logits, window, temperature, top_k, lookup: MaskLookup | None, 
     p_ids, p = sampling_distribution(logits[:, 0], temperature, top_k)  # (B, seq_len, k)
     x1 = window[:, 1 : 1 + count].reshape(-1).numpy()  # true x[t+1], x[t+2]: (B * count,)
     x2 = window[:, 2 : 2 + count].reshape(-1).numpy()
+    passed = torch.ones(batch, count, dtype=torch.float64)  # prod_{j<=i} a_j(t), marginal drafts
+    passed_cond = passed.clone()
     for j in range(1, n):  # draft position i = j + 1
         q_ids, q = sampling_distribution(logits[:, j, :count], temperature, top_k)  # (B, count, k)
         teacher_ids, teacher = p_ids[:, j : j + count], p[:, j : j + count]
-        sums.marginal[j - 1] += overlap(teacher_ids, teacher, q_ids, q).sum()
+        accepted = overlap(teacher_ids, teacher, q_ids, q)  # (B, count)
+        sums.marginal[j - 1] += accepted.sum()
+        passed *= accepted
+        sums.chain += passed.sum()
         if lookup is None:
             continue
         flat_ids = q_ids.reshape(-1, q_ids.shape[-1]).numpy()  # (B * count, k)
@@ -250,7 +270,10 @@ def _score_batch(logits, window, temperature, top_k, lookup: MaskLookup | None, 
             flat_q, used = _conditioned_third(flat_q, flat_ids, x1, x2, lookup)
             sums.mask_use["q3_triples"] += int(used[0].sum())
             sums.mask_use["q3_pairs"] += int(used[1].sum())
-        sums.conditioned[j - 1] += overlap(teacher_ids, teacher, q_ids, flat_q.view_as(q)).sum()
+        accepted = overlap(teacher_ids, teacher, q_ids, flat_q.view_as(q))
+        sums.conditioned[j - 1] += accepted.sum()
+        passed_cond *= accepted
+        sums.chain_cond += passed_cond.sum()
     sums.positions += batch * count
 
 
@@ -269,5 +292,7 @@ def format_acceptance(result: AcceptanceResult) -> str:
     for i, a in enumerate(result.marginal):
         cond = "-" if result.conditioned is None else f"{result.conditioned[i]:.4f}"
         rows.append((f"alpha_{i + 2}", f"{a:.4f}", cond))
+    cond = "-" if result.tokens_per_pass_cond is None else f"{result.tokens_per_pass_cond:.4f}"
+    rows.append(("tokens/pass", f"{result.tokens_per_pass:.4f}", cond))
     header = f"expected acceptance (T {result.temperature}, top-k {result.top_k}, {result.num_positions} positions)"
     return "\n".join([header] + [f"{a:<15} {b:>10} {c:>12}" for a, b, c in rows])

@@ -134,6 +134,7 @@ def brute_force(model, ids, mask):
     """Per position: one forward pass per prefix, dense distributions, a loop over the vocabulary."""
     n = model.num_token_heads
     marginal, conditioned, count = np.zeros(n - 1), np.zeros(n - 1), 0
+    chain, chain_cond = 0.0, 0.0  # sum over positions of sum_i prod_{j<=i} a_j
     with torch.no_grad():
         for k in range(BATCH * BATCHES):
             window = [int(x) for x in ids[k * SEQ : k * SEQ + SEQ + n]]
@@ -143,6 +144,7 @@ def brute_force(model, ids, mask):
 
             for t in range(SEQ - n + 1):
                 x1, x2 = window[t + 1], window[t + 2]
+                passed, passed_cond = 1.0, 1.0
                 for i in range(2, n + 1):
                     p, f = _dense(head(1, t + i - 1)), _dense(head(i, t))
                     candidates = np.flatnonzero(f)
@@ -157,10 +159,13 @@ def brute_force(model, ids, mask):
                             w[candidates] = mask.weights([[x2], candidates])[0]
                             q = _conditioned(f, w)
                     q = f if q is None else q
-                    marginal[i - 2] += sum(min(p[x], f[x]) for x in range(VOCAB))
-                    conditioned[i - 2] += sum(min(p[x], q[x]) for x in range(VOCAB))
+                    a, a_cond = (sum(min(p[x], d[x]) for x in range(VOCAB)) for d in (f, q))
+                    marginal[i - 2] += a
+                    conditioned[i - 2] += a_cond
+                    passed, passed_cond = passed * a, passed_cond * a_cond
+                    chain, chain_cond = chain + passed, chain_cond + passed_cond
                 count += 1
-    return marginal / count, conditioned / count, count
+    return marginal / count, conditioned / count, 1 + chain / count, 1 + chain_cond / count, count
 
 
 def test_acceptance_matches_a_brute_force_over_the_vocabulary(corpus):
@@ -168,10 +173,14 @@ def test_acceptance_matches_a_brute_force_over_the_vocabulary(corpus):
     ids, _ = open_tokens(tokens)
     model, mask = tiny_t3(), CooccurrenceMask.load(cooc)
     result = expected_acceptance(model, ids, SEQ, BATCH, mask, TEMPERATURE, TOP_K, BATCHES, progress=False)
-    marginal, conditioned, count = brute_force(model, ids, mask)
+    marginal, conditioned, per_pass, per_pass_cond, count = brute_force(model, ids, mask)
     assert result.num_positions == count == BATCH * BATCHES * (SEQ - 2)
     assert result.marginal == pytest.approx(marginal.tolist(), abs=1e-6)
     assert result.conditioned == pytest.approx(conditioned.tolist(), abs=1e-6)
+    assert result.tokens_per_pass == pytest.approx(per_pass, abs=1e-6)
+    assert result.tokens_per_pass_cond == pytest.approx(per_pass_cond, abs=1e-6)
+    # Acceptance is correlated along a pass: the chain is not the product of the means.
+    assert per_pass != pytest.approx(1 + marginal[0] + marginal[0] * marginal[1], abs=1e-4)
     assert all(0 < share < 1 for share in result.mask_use.values())  # every rule was taken somewhere
     assert result.conditioned != pytest.approx(result.marginal, abs=1e-3)
     assert min(result.marginal) > 0 and max(result.marginal) < 1
@@ -200,6 +209,7 @@ def test_positions_pair_each_draft_with_the_head_1_position_that_predicts_its_to
     ids, _ = open_tokens(corpus[0])
     aligned = expected_acceptance(Oracle(0), ids, SEQ, BATCH, None, TEMPERATURE, TOP_K, BATCHES, progress=False)
     assert aligned.marginal == pytest.approx([1.0, 1.0], abs=1e-12)
+    assert aligned.tokens_per_pass == pytest.approx(3.0, abs=1e-12)
     shifted = expected_acceptance(Oracle(1), ids, SEQ, BATCH, None, TEMPERATURE, TOP_K, BATCHES, progress=False)
     assert max(shifted.marginal) < 0.9
 
@@ -232,7 +242,9 @@ def test_cli_reports_acceptance_in_json(corpus, tmp_path, capsys):
         tiny_t3(), ids, SEQ, BATCH, CooccurrenceMask.load(cooc), TEMPERATURE, TOP_K, BATCHES, progress=False
     )
     assert report["acceptance"]["alpha"] == pytest.approx(direct.metrics())
-    assert set(report["acceptance"]["alpha"]) == {"alpha_2", "alpha_3", "alpha_2_cond", "alpha_3_cond"}
+    assert set(report["acceptance"]["alpha"]) == {
+        "alpha_2", "alpha_3", "tokens_per_pass", "alpha_2_cond", "alpha_3_cond", "tokens_per_pass_cond"
+    }  # fmt: skip
     assert "PPL_1" in report["ppl"] and "alpha_3" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         eval_main([*common, "--cooccurrence", str(cooc)])
