@@ -41,5 +41,9 @@ class ProviderError(DynaMoRuntimeError):
     """The requested ONNX Runtime execution provider is not available in this install."""
 
 
+class InferenceError(DynaMoRuntimeError):
+    """ONNX Runtime failed while running a forward pass (out of memory, a kernel error)."""
+
+
 class GenerationTimeout(DynaMoRuntimeError):
     """A generate() call ran past its time limit; the forward pass in flight was terminated."""

@@ -33,7 +33,14 @@ from runtime.contract import (
     PROVIDERS,
     interleaved,
 )
-from runtime.errors import ArtifactError, GenerationTimeout, InputError, ProviderError
+from runtime.errors import (
+    ArtifactError,
+    GenerationTimeout,
+    GraphError,
+    InferenceError,
+    InputError,
+    ProviderError,
+)
 from runtime.manifest import Manifest
 
 
@@ -106,6 +113,7 @@ class GraphSession:
         graph, layers = manifest.graph, manifest.model.num_cache_layers
         self.present_names = interleaved(graph.present_key, graph.present_value, layers)
         self.cache_dtype = np.dtype(manifest.graph.cache_dtype)
+        self.logits_dtype = np.dtype(manifest.graph.logits_dtype)
         self._device_id = 0
 
     def _check_io(self) -> None:
@@ -172,25 +180,51 @@ class GraphSession:
         attention_mask = live.astype(np.int64)[None]  # (1, past+T)
         try:
             if self.io_binding:
-                logits = self._forward_bound(cache, input_ids, attention_mask, position_ids, run_options)
+                outputs = self._forward_bound(cache, input_ids, attention_mask, position_ids, run_options)
             else:
-                logits = self._forward_cpu(cache, input_ids, attention_mask, position_ids, run_options)
-        except Exception as exc:
+                outputs = self._forward_cpu(cache, input_ids, attention_mask, position_ids, run_options)
+        except Exception as exc:  # ORT raises its own Fail / RuntimeException / allocation errors
             if run_options is not None and run_options.terminate:
                 raise GenerationTimeout("generation ran past its time limit and was stopped") from exc
-            raise
+            raise InferenceError(
+                f"ONNX Runtime failed in a forward pass ({type(exc).__name__}): {exc}"
+            ) from exc
+        logits = outputs[0]
+        self._check_outputs(logits, outputs[1:], len(tokens), cache.slots)
+        cache.keys[:] = outputs[1::2]
+        cache.values[:] = outputs[2::2]
         cache.live.extend(b"\x01" * len(tokens))
         return logits[0]  # (n_heads, T, V)
 
-    def _forward_cpu(self, cache, input_ids, attention_mask, position_ids, run_options):
+    def _check_outputs(self, logits: np.ndarray, presents: list, fed: int, past: int) -> None:
+        """Every pass's outputs against the manifest, before the sampler or the cache sees them: a
+        graph that lies about its heads, vocabulary, dtypes or cache growth is refused here, in every
+        mode, instead of turning into a huge grid, a silent `ar`, or a bare numpy error later."""
+        model = self.manifest.model
+        problems = []
+        expected = (1, model.num_token_heads, fed, model.vocab_size)
+        if logits.shape != expected or logits.dtype != self.logits_dtype:
+            problems.append(
+                f"logits {logits.dtype}{list(logits.shape)}, expected {self.logits_dtype}{list(expected)}"
+            )
+        grown = [1, model.num_attention_heads, past + fed, model.head_dim]
+        for name, present in zip(self.present_names, presents, strict=True):
+            shape, dtype = _shape_and_dtype(present)
+            if shape != grown or dtype != self.cache_dtype:
+                problems.append(f"{name} {dtype}{shape}, expected {self.cache_dtype}{grown}")
+                break
+        if problems:
+            raise GraphError(
+                "the graph's outputs break its manifest (a tampered or mismatched artifact): "
+                + "; ".join(problems)
+            )
+
+    def _forward_cpu(self, cache, input_ids, attention_mask, position_ids, run_options) -> list:
         feed = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: position_ids}
         for (key_name, value_name), key, value in zip(self.past_names, cache.keys, cache.values, strict=True):
             feed[key_name] = key
             feed[value_name] = value
-        outputs = self.session.run([LOGITS, *self.present_names], feed, run_options)
-        cache.keys[:] = outputs[1::2]
-        cache.values[:] = outputs[2::2]
-        return outputs[0]
+        return self.session.run([LOGITS, *self.present_names], feed, run_options)
 
     def _forward_bound(self, cache, input_ids, attention_mask, position_ids, run_options):
         binding = self.session.io_binding()
@@ -208,9 +242,15 @@ class GraphSession:
             binding.bind_output(name, self._device, self._device_id)
         self.session.run_with_iobinding(binding, run_options)
         outputs = binding.get_outputs()
-        cache.keys[:] = outputs[1::2]
-        cache.values[:] = outputs[2::2]
-        return outputs[0].numpy()
+        return [outputs[0].numpy(), *outputs[1:]]
+
+
+def _shape_and_dtype(value) -> tuple[list[int], np.dtype | str]:
+    """A numpy array's or an OrtValue's (device-resident, IO binding) shape and dtype."""
+    if isinstance(value, np.ndarray):
+        return list(value.shape), value.dtype
+    name = ORT_TYPES.get(value.data_type())
+    return list(value.shape()), np.dtype(name) if name else value.data_type()
 
 
 class Deadline:
