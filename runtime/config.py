@@ -29,6 +29,13 @@ MODES = ("dynamic", "ar", "verify")
 # The joint grid has top_k ** n entries: 100 ** 3 is a million float64 cells (8 MB
 # per buffer) and already far slower than a forward pass of a small model.
 MAX_TOP_K = 100
+# A blur wider than the grid only mirrors the same cells again.
+MAX_BLUR = 2 * MAX_TOP_K - 1
+# W ** alpha_c: co-occurrence weights reach ~1e10 for rare n-grams, so a power past 8 can
+# overflow float64 and turn the joint into infinities and zeros.
+MAX_ALPHA_C = 8.0
+# Past this the softmax is flat to the last bit; huge values only overflow.
+MAX_TEMPERATURE = 100.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,11 +47,11 @@ class SamplingConfig:
     eps_b: back-off strength in [0, 1]; the sampler emits n tokens only if some
         joint entry exceeds eps_b ** (n - 1). 0 always emits n, 1 is plain AR.
     top_k: candidates kept per head, 1..MAX_TOP_K.
-    temperature: >= 0; 0 means greedy (argmax of the same joint/distribution).
+    temperature: in [0, MAX_TEMPERATURE]; 0 means greedy (argmax of the same joint/distribution).
     repetition_penalty: >= 1; probabilities of already generated tokens are divided by it.
-    alpha_c: >= 0; exponent of the co-occurrence weights (0 disables masking).
+    alpha_c: in [0, MAX_ALPHA_C]; exponent of the co-occurrence weights (0 disables masking).
     adaptive: Otsu's threshold on the joint on/off.
-    blur: Gaussian (binomial) kernel size for the blur before Otsu; 0 = off, else odd.
+    blur: Gaussian (binomial) kernel size for the blur before Otsu; 0 = off, else odd, <= MAX_BLUR.
     static_threshold: joint entries below it are zeroed, in [0, 1).
     stop: token ids and/or strings that end generation.
     """
@@ -77,7 +84,12 @@ class SamplingConfig:
             *_choice("mode", self.mode, MODES),
             *_real("eps_b", self.eps_b, "a number in [0, 1]", lambda v: 0 <= v <= 1),
             *_integer("top_k", self.top_k, f"an integer in 1..{MAX_TOP_K}", lambda v: 1 <= v <= MAX_TOP_K),
-            *_real("temperature", self.temperature, "a finite number >= 0 (0 = greedy)", lambda v: v >= 0),
+            *_real(
+                "temperature",
+                self.temperature,
+                f"a number in [0, {MAX_TEMPERATURE:g}] (0 = greedy)",
+                lambda v: 0 <= v <= MAX_TEMPERATURE,
+            ),
             *_real(
                 "repetition_penalty",
                 self.repetition_penalty,
@@ -85,13 +97,18 @@ class SamplingConfig:
                 "would stop being a probability)",
                 lambda v: v >= 1,
             ),
-            *_real("alpha_c", self.alpha_c, "a finite number >= 0 (0 disables masking)", lambda v: v >= 0),
+            *_real(
+                "alpha_c",
+                self.alpha_c,
+                f"a number in [0, {MAX_ALPHA_C:g}] (0 disables masking; larger powers overflow)",
+                lambda v: 0 <= v <= MAX_ALPHA_C,
+            ),
             *_boolean("adaptive", self.adaptive),
             *_integer(
                 "blur",
                 self.blur,
-                "0 (off) or an odd kernel size >= 1",
-                lambda v: v == 0 or (v > 0 and v % 2 == 1),
+                f"0 (off) or an odd kernel size in 1..{MAX_BLUR}",
+                lambda v: v == 0 or (0 < v <= MAX_BLUR and v % 2 == 1),
             ),
             *_real("static_threshold", self.static_threshold, "a number in [0, 1)", lambda v: 0 <= v < 1),
             *_stops(self.stop),
@@ -140,13 +157,27 @@ def _choice(name: str, value: Any, accepted: tuple[str, ...]) -> list[str]:
 
 def _real(name: str, value: Any, accepted: str, ok) -> list[str]:
     number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if number and math.isfinite(value) and ok(value):
+    try:
+        finite = number and math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if finite and ok(value):
         return []
-    return [f"{name}={value!r} is out of range: expected {accepted}"]
+    return [f"{name}={_short(value)} is out of range: expected {accepted}"]
+
+
+def _short(value: Any) -> str:
+    """repr of a value, cut short: a 10**400 in a message helps nobody."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def _integer(name: str, value: Any, accepted: str, ok) -> list[str]:
-    return [] if _is_int(value) and ok(value) else [f"{name}={value!r} is out of range: expected {accepted}"]
+    return (
+        []
+        if _is_int(value) and ok(value)
+        else [f"{name}={_short(value)} is out of range: expected {accepted}"]
+    )
 
 
 def _boolean(name: str, value: Any) -> list[str]:

@@ -13,6 +13,7 @@ gets its own cache, random state and stats (runtime/generation.py).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -141,7 +142,9 @@ class DynaMoRuntime:
             raise InputError(f"config must be a SamplingConfig, got {type(config).__name__}")
         prompt_ids = self._prompt_ids(prompt)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise InputError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+            raise InputError(f"max_new_tokens={str(max_new_tokens)[:40]} must be an integer >= 1")
+        _check_seed(seed)
+        _check_grid(config, self.manifest.model.num_token_heads)
         if self.max_memory_bytes is not None:
             memory = call_memory(self.manifest, len(prompt_ids), max_new_tokens, config.mode)
             check_call_memory(memory, self.max_memory_bytes)
@@ -160,7 +163,7 @@ class DynaMoRuntime:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InputError("a text prompt needs a tokenizer and this artifact has none: pass token ids")
-            ids = self.tokenizer.encode(prompt).ids
+            ids = self._encode(prompt)
         elif isinstance(prompt, (list, tuple, np.ndarray)):
             ids = [int(t) for t in prompt] if all(_is_int(t) for t in prompt) else None
             if ids is None:
@@ -180,6 +183,29 @@ class DynaMoRuntime:
                 "shorten the prompt to leave room for at least one new token"
             )
         return ids
+
+    def _encode(self, prompt: str) -> list[int]:
+        """The prompt's ids; refused before tokenizing when it cannot fit the context (every token
+        covers at most the longest token's characters), or when it is not valid Unicode text."""
+        limit = self.manifest.model.context_length * self._longest_token
+        if len(prompt) > limit:
+            raise InputError(
+                f"the prompt has {len(prompt):,} characters, more than the model's context can hold: the "
+                f"context is {self.manifest.model.context_length} tokens of at most {self._longest_token} "
+                f"characters each ({limit:,}): shorten it"
+            )
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError(
+                f"the prompt is not valid Unicode text ({exc.reason} at {exc.start}): fix its encoding"
+            ) from exc
+        return self.tokenizer.encode(prompt).ids
+
+    @functools.cached_property
+    def _longest_token(self) -> int:
+        """Characters in the tokenizer's longest token (what one token can cover of a prompt)."""
+        return max((len(t) for t in self.tokenizer.get_vocab(with_added_tokens=True)), default=1)
 
     def _stops(self, config: SamplingConfig) -> tuple[frozenset[int], tuple[str, ...]]:
         ids = {s for s in config.stop if not isinstance(s, str)}
@@ -204,6 +230,27 @@ class DynaMoRuntime:
 
     def _text(self, ids: list[int]) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+# dynamic builds a top_k ** n grid per back-off level: past this many cells a step would take
+# hundreds of MB (top_k 50 at 4 heads is 6.25M).
+MAX_GRID_CELLS = 1 << 23
+
+
+def _check_grid(config: SamplingConfig, heads: int) -> None:
+    if config.mode == "dynamic" and config.eps_b < 1 and config.top_k**heads > MAX_GRID_CELLS:
+        fitting = int(MAX_GRID_CELLS ** (1 / heads)) + 1
+        while fitting**heads > MAX_GRID_CELLS:  # the float root can land one off
+            fitting -= 1
+        raise InputError(
+            f"dynamic mode over {heads} heads with top_k={config.top_k} builds a {config.top_k}^{heads}-cell "
+            f"grid, over the {MAX_GRID_CELLS:,} cells a step may take: use top_k <= {fitting}, or mode='verify'"
+        )
+
+
+def _check_seed(seed) -> None:
+    if seed is not None and not (_is_int(seed) and 0 <= seed < 2**128):
+        raise InputError(f"seed={str(seed)[:40]!s} must be None or an integer in [0, 2**128)")
 
 
 def _is_int(value) -> bool:

@@ -15,6 +15,7 @@ the softmax, so the result is that of a trimmed cache.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -95,8 +96,16 @@ class GraphSession:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
-            if int(threads) < 1:
-                raise ProviderError(f"threads={threads!r} must be >= 1 (or None for ONNX Runtime's default)")
+            limit = MAX_THREADS_PER_CPU * (os.cpu_count() or 1)
+            if (
+                isinstance(threads, bool)
+                or not isinstance(threads, (int, np.integer))
+                or not 1 <= threads <= limit
+            ):
+                raise ProviderError(
+                    f"threads={str(threads)[:40]} must be an integer in 1..{limit} ({MAX_THREADS_PER_CPU} per CPU "
+                    "here), or None for ONNX Runtime's default"
+                )
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
         try:
@@ -251,6 +260,10 @@ def _shape_and_dtype(value) -> tuple[list[int], np.dtype | str]:
         return list(value.shape), value.dtype
     name = ORT_TYPES.get(value.data_type())
     return list(value.shape()), np.dtype(name) if name else value.data_type()
+
+
+# More intra-op threads than this per CPU only contend for the same cores.
+MAX_THREADS_PER_CPU = 4
 
 
 class Deadline:
