@@ -239,9 +239,14 @@ def _triples_csr(
 
 
 def load_cooccurrence(
-    path: str | os.PathLike, expected_vocab_size: int | None = None
+    path: str | os.PathLike, expected_vocab_size: int | None = None, max_bytes: int | None = None
 ) -> tuple[CooccurrenceMeta, dict[int, CsrArrays]]:
-    """Read and validate a co-occurrence directory: (meta, {order: CSR arrays})."""
+    """Read and validate a co-occurrence directory: (meta, {order: CSR arrays}).
+
+    `max_bytes` caps what the header's declared sizes may make the load allocate (the arrays
+    read plus the lookup's key arrays): a header declaring billions of entries is refused
+    before any array is read, instead of failing gigabytes later.
+    """
     root = Path(path)
     meta = _read_meta(root)
     if expected_vocab_size is not None and expected_vocab_size != meta.vocab_size:
@@ -250,10 +255,29 @@ def load_cooccurrence(
             f"{expected_vocab_size}: rebuild it with dynamo-cooccur from a token file of the model's tokenizer"
         )
     V = meta.vocab_size
-    matrices = {2: _read_csr(root / MATRIX_NAMES[2], (V, V), meta.nnz[2])}
-    if 3 in meta.orders:
-        matrices[3] = _read_csr(root / MATRIX_NAMES[3], (meta.nnz[2], V), meta.nnz[3])
+    if max_bytes is not None and loaded_bytes(meta) > max_bytes:
+        raise CooccurrenceFileError(
+            f"{root} declares {sum(meta.nnz.values()):,} n-grams, {loaded_bytes(meta):,} bytes once loaded, over "
+            f"max_memory_bytes={max_bytes:,}: count the masks with a higher --min-count, or raise the limit"
+        )
+    try:
+        matrices = {2: _read_csr(root / MATRIX_NAMES[2], (V, V), meta.nnz[2])}
+        if 3 in meta.orders:
+            matrices[3] = _read_csr(root / MATRIX_NAMES[3], (meta.nnz[2], V), meta.nnz[3])
+    except MemoryError as exc:
+        raise CooccurrenceFileError(
+            f"{root}: not enough memory for its {sum(meta.nnz.values()):,} n-grams "
+            f"({loaded_bytes(meta):,} bytes): count them with a higher --min-count"
+        ) from exc
     return meta, matrices
+
+
+def loaded_bytes(meta: CooccurrenceMeta) -> int:
+    """Bytes the arrays of `meta`'s declared sizes take once loaded: per entry its index, value and
+    int64 lookup key; per row its int64 pointer."""
+    entry = np.dtype(INDEX_DTYPE).itemsize + np.dtype(VALUE_DTYPE).itemsize + 8
+    rows = meta.vocab_size + (meta.nnz[2] if 3 in meta.orders else 0)
+    return sum(meta.nnz.values()) * entry + 8 * (rows + len(meta.orders))
 
 
 def _read_meta(root: Path) -> CooccurrenceMeta:

@@ -87,7 +87,9 @@ class DynaMoRuntime:
                 )
         masks = None
         if manifest.cooccurrence is not None:
-            masks = CooccurrenceMask.load(root / manifest.cooccurrence, expected_vocab_size=vocab)
+            masks = CooccurrenceMask.load(
+                root / manifest.cooccurrence, expected_vocab_size=vocab, max_bytes=max_memory_bytes
+            )
         check_graph(root, manifest)  # before ONNX Runtime reads a byte of it
         session = GraphSession(str(root / manifest.graph.file), manifest, provider=provider, threads=threads)
         return cls(root, manifest, session, tokenizer, masks, max_memory_bytes)

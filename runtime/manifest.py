@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import Any, get_type_hints
@@ -264,10 +265,23 @@ def file_entry(path: Path) -> FileEntry:
     return FileEntry(size=path.stat().st_size, sha256=sha256_of(path))
 
 
+def walk(root: Path) -> Iterator[Path]:
+    """Every entry under `root`, links listed but not followed, without recursion: a tree nested
+    thousands deep (an artifact from a stranger) must not exhaust Python's stack, as rglob's does."""
+    folders = [root]
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for entry in entries:
+                path = Path(entry.path)
+                yield path
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(path)
+
+
 def inventory(root: Path) -> dict[str, FileEntry]:
     """Size and sha256 of every file under root except the manifest itself."""
     entries = {}
-    for path in sorted(root.rglob("*")):
+    for path in sorted(walk(root)):
         if path.is_file() and path.name != MANIFEST_NAME:
             entries[path.relative_to(root).as_posix()] = file_entry(path)
     return entries
@@ -297,7 +311,7 @@ def verify_files(root: str | os.PathLike, manifest: Manifest, check_hashes: bool
     """Fail closed unless the artifact holds exactly the listed files with their sizes and hashes."""
     root = Path(root).resolve()
     on_disk = set()
-    for path in root.rglob("*"):
+    for path in walk(root):
         rel = path.relative_to(root).as_posix()
         if path.is_symlink():
             raise ArtifactFileError(f"{rel} is a symbolic link; artifacts may not contain links")

@@ -82,3 +82,32 @@ def test_dynamic_grids_are_bounded_by_heads_and_top_k():
     with pytest.raises(InputError, match=r"50\^5-cell grid.*use top_k <= 24, or mode='verify'"):
         _check_grid(SamplingConfig(top_k=50), 5)
     assert 24**5 <= MAX_GRID_CELLS < 25**5
+
+
+def test_masks_larger_than_the_memory_limit_are_refused_before_reading(tiny_artifact):
+    from runtime import CooccurrenceFileError
+    from runtime.cooccurrence_file import load_cooccurrence, loaded_bytes
+
+    meta, _ = load_cooccurrence(tiny_artifact.out / "cooccurrence")
+    need = loaded_bytes(meta)
+    with pytest.raises(
+        CooccurrenceFileError, match=r"declares .* n-grams, .* bytes once loaded, over max_memory"
+    ):
+        DynaMoRuntime.load(tiny_artifact.out, max_memory_bytes=need - 1)
+    DynaMoRuntime.load(tiny_artifact.out, max_memory_bytes=need + 10**6)  # the limit admits what fits
+
+
+def test_a_deeply_nested_artifact_is_walked_without_recursion(tiny_artifact, tmp_path):
+    import shutil
+
+    from runtime import ArtifactFileError
+
+    root = tmp_path / "nested"
+    shutil.copytree(tiny_artifact.out, root)
+    deep = root
+    for _ in range(1500):  # rglob recursed once per level: RecursionError past ~1000
+        deep = deep / "d"
+        deep.mkdir()
+    (deep / "stowaway.bin").write_bytes(b"x")
+    with pytest.raises(ArtifactFileError, match=r"stowaway\.bin"):
+        DynaMoRuntime.load(root)
