@@ -25,11 +25,12 @@ from tokenizers import Tokenizer
 from runtime.bounds import call_memory, check_call_memory
 from runtime.config import SamplingConfig
 from runtime.cooccurrence import CooccurrenceMask
-from runtime.errors import ArtifactError, InputError
+from runtime.errors import ArtifactError, GenerationTimeout, InputError
 from runtime.generation import Decoder, GenerationStats
 from runtime.graph_checks import check_graph
 from runtime.manifest import Manifest, read_manifest, verify_files
 from runtime.session import Deadline, GraphSession
+from runtime.tokenizer_policy import call, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -74,10 +75,7 @@ class DynaMoRuntime:
         vocab = manifest.model.vocab_size
         tokenizer = None
         if manifest.tokenizer is not None:
-            try:
-                tokenizer = Tokenizer.from_file(str(root / manifest.tokenizer))
-            except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
-                raise ArtifactError(f"{manifest.tokenizer} is not a valid tokenizers file: {exc}") from exc
+            tokenizer = load_tokenizer(root / manifest.tokenizer)  # the allow-list first (tokenizer_policy)
             # Ids need not be dense (get_vocab_size counts entries): the largest one must fit the graph.
             top = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
             if top >= vocab:
@@ -142,18 +140,20 @@ class DynaMoRuntime:
         config = config if config is not None else self.default_config
         if not isinstance(config, SamplingConfig):
             raise InputError(f"config must be a SamplingConfig, got {type(config).__name__}")
-        prompt_ids = self._prompt_ids(prompt)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens={str(max_new_tokens)[:40]} must be an integer >= 1")
         _check_seed(seed)
         _check_grid(config, self.manifest.model.num_token_heads)
-        if self.max_memory_bytes is not None:
-            memory = call_memory(self.manifest, len(prompt_ids), max_new_tokens, config.mode)
-            check_call_memory(memory, self.max_memory_bytes)
-        stop_ids, stop_strings = self._stops(config)
-        deadline = Deadline(time_limit_s)
-        decoder = Decoder(self.session, self.masks, config, seed, max_new_tokens, stop_ids, deadline)
+        deadline = Deadline(time_limit_s)  # tokenizing the prompt counts against the limit too
         try:
+            prompt_ids = self._prompt_ids(prompt)
+            if deadline.expired:
+                raise GenerationTimeout("tokenizing the prompt ran past the time limit")
+            if self.max_memory_bytes is not None:
+                memory = call_memory(self.manifest, len(prompt_ids), max_new_tokens, config.mode)
+                check_call_memory(memory, self.max_memory_bytes)
+            stop_ids, stop_strings = self._stops(config)
+            decoder = Decoder(self.session, self.masks, config, seed, max_new_tokens, stop_ids, deadline)
             for accepted in decoder.run(prompt_ids):
                 if stop_strings and self._cut_at_stop_string(decoder, stop_strings):
                     decoder.stop()
@@ -202,7 +202,9 @@ class DynaMoRuntime:
             raise InputError(
                 f"the prompt is not valid Unicode text ({exc.reason} at {exc.start}): fix its encoding"
             ) from exc
-        return self.tokenizer.encode(prompt).ids
+        return call(
+            lambda: self.tokenizer.encode(prompt).ids, "the tokenizer failed on the prompt", InputError
+        )
 
     @functools.cached_property
     def _longest_token(self) -> int:
@@ -231,7 +233,13 @@ class DynaMoRuntime:
         return True
 
     def _text(self, ids: list[int]) -> str | None:
-        return None if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=False)
+        if self.tokenizer is None:
+            return None
+        return call(
+            lambda: self.tokenizer.decode(ids, skip_special_tokens=False),
+            "the tokenizer failed to decode",
+            ArtifactError,
+        )
 
 
 # dynamic builds a top_k ** n grid per back-off level: past this many cells a step would take
