@@ -155,6 +155,13 @@ def export_artifact(
     result = ExportResult(out=plan.out, manifest=None, parity=None)
     try:
         _build(plan, staging, functools.partial(_step, bar, result.seconds), result)
+    except ExportError as exc:  # name the artifact the user asked for, not our staging folder
+        message = (
+            str(exc).replace(str(staging / "artifact"), str(plan.out)).replace(str(staging), str(plan.out))
+        )
+        if message == str(exc):
+            raise
+        raise type(exc)(message) from exc
     finally:
         bar.close()
         shutil.rmtree(staging, ignore_errors=True)

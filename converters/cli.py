@@ -11,6 +11,7 @@ from converters.optimize import Int4Config
 from dynamo_export.errors import DynaMoError
 from runtime.contract import INT4_BLOCK_SIZES, WEIGHT_DTYPES
 from runtime.errors import DynaMoRuntimeError
+from runtime.help_format import HelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dynamo-export",
         description="Export a DynaMo (or plain GPT-NeoX) checkpoint to one ONNX graph with a KV cache that "
         "returns every head's logits, plus a manifest the runtime reads.",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--model", required=True, help="checkpoint directory (DynaMo save_pretrained, or GPT-NeoX)"
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="--dtype int4: no zero points (default: asymmetric, with a 4-bit zero point per block)",
     )
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset of the graph (int4: 21)")
     parser.add_argument(
         "--external-data",
         choices=EXTERNAL_DATA,
@@ -113,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
 def summary(result: ExportResult) -> str:
     model = result.manifest.model
     lines = [
-        f"wrote {result.out}: {model.num_token_heads} head(s), {model.num_cache_layers} cache layers, "
-        f"vocab {model.vocab_size}, {result.manifest.graph.dtype}, opset {result.manifest.graph.opset}"
+        f"wrote {result.out}: {model.num_token_heads} head(s), {model.num_cache_layers} cache layers "
+        f"({model.num_cache_layers - model.num_token_heads} stem + head 1's + {model.num_token_heads - 1} extra "
+        f"heads'), vocab {model.vocab_size}, {result.manifest.graph.dtype}, opset {result.manifest.graph.opset}"
     ]
     for path, entry in sorted(result.manifest.files.items()):
         lines.append(f"  {path:<32} {_size(entry.size):>10}")

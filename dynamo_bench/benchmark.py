@@ -195,7 +195,8 @@ def run_benchmark(options: BenchOptions) -> dict:
             runners["pytorch"] = baselines.pytorch_runner(base_model, defaults)
         for kind in ("optimum", "pytorch"):
             if kind in runners:
-                meta[kind] = {"kind": kind, "mode": "ar", "eps_b": None, "sampling": defaults.to_dict()}
+                sampling = defaults.replace(mode="ar").to_dict()  # what the baselines do: one token a pass
+                meta[kind] = {"kind": kind, "mode": "ar", "eps_b": None, "sampling": sampling}
 
     measured = latency.measure(
         runners,

@@ -26,6 +26,7 @@ from dynamo_bench.sizes import PYTHIA
 from runtime.atomic import atomic_write_json, atomic_write_text
 from runtime.contract import DEVICES
 from runtime.errors import DynaMoRuntimeError
+from runtime.help_format import HelpFormatter
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -47,11 +48,9 @@ def _words(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dynamo-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog="dynamo-bench", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--artifact", help="the exported artifact directory (dynamo-export's output)")
-    p.add_argument("--provider", choices=DEVICES, default="cpu")
+    p.add_argument("--provider", choices=DEVICES, default="cpu", help="ONNX Runtime execution provider")
     p.add_argument(
         "--threads",
         type=int,
@@ -61,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts", help="text file, one prompt per line (replaces the paper's and in-domain prompts)"
     )
     p.add_argument("--in-domain", help="held-out corpus directory: adds in-domain prompts and PPL_d")
-    p.add_argument("--num-in-domain", type=int, default=10, help="in-domain prompts to cut (default 10)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--num-in-domain", type=int, default=10, help="in-domain prompts to cut")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per generation")
     p.add_argument(
         "--eps-b", type=_floats, default=(0.25, 0.5, 0.75), help="comma-separated, e.g. 0.25,0.5,0.75"
     )
@@ -83,14 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", help="write the markdown tables here (atomically)")
     p.add_argument("--plot", help="write the speed-up vs judged perplexity plot here (PNG)")
     p.add_argument("--scale", action="store_true", help="random-weight Pythia sizes: export and step time")
-    p.add_argument("--scale-sizes", type=_words, default=tuple(PYTHIA), help=f"subset of {','.join(PYTHIA)}")
+    p.add_argument(
+        "--scale-sizes", type=_words, default=tuple(PYTHIA), help=f"subset of {','.join(PYTHIA)} for --scale"
+    )
     p.add_argument(
         "--compare",
         nargs="+",
         metavar="JSON",
         help="render results written by --json (e.g. one per device) side by side; with --markdown FILE",
     )
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 

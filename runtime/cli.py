@@ -17,6 +17,7 @@ from runtime.config import MODES, SamplingConfig
 from runtime.contract import PROVIDERS
 from runtime.engine import DynaMoRuntime
 from runtime.errors import DynaMoRuntimeError
+from runtime.help_format import HelpFormatter
 
 OPTION_FLAGS = (
     "mode",
@@ -31,23 +32,36 @@ OPTION_FLAGS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dynamo-generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog="dynamo-generate", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--artifact", required=True, help="directory written by dynamo-export")
     p.add_argument("--prompt", required=True, help="text prompt (needs the artifact's tokenizer)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--provider", default="cpu", choices=PROVIDERS)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
+    p.add_argument("--seed", type=int, help="random seed (default: fresh entropy; same seed, same tokens)")
+    p.add_argument("--provider", default="cpu", choices=PROVIDERS, help="ONNX Runtime execution provider")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's choice)")
-    p.add_argument("--mode", choices=MODES)
-    p.add_argument("--eps-b", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--repetition-penalty", type=float)
-    p.add_argument("--alpha-c", type=float)
-    p.add_argument("--blur", type=int)
-    p.add_argument("--static-threshold", type=float)
+    defaults = SamplingConfig()  # the manifest's sampling_defaults override these per artifact
+    for flag, kind, meaning in (
+        (
+            "--mode",
+            str,
+            "ar: head 1 alone; dynamic: DynaMo's Algorithm 1; verify: lossless drafts from the joint",
+        ),
+        ("--eps-b", float, "back-off strength in [0, 1]: 0 always emits n tokens, 1 is ar"),
+        ("--top-k", int, "candidates per head"),
+        ("--temperature", float, "softmax temperature (0 = greedy)"),
+        ("--repetition-penalty", float, "divides the probabilities of generated tokens"),
+        ("--alpha-c", float, "exponent of the co-occurrence weights (0: no masking)"),
+        ("--blur", int, "Gaussian kernel before Otsu's threshold (0 = off)"),
+        ("--static-threshold", float, "joint entries below it become 0"),
+    ):
+        name = flag[2:].replace("-", "_")
+        extra = {"choices": MODES} if name == "mode" else {}
+        p.add_argument(
+            flag,
+            type=kind,
+            help=f"{meaning} (default: the artifact's, else {getattr(defaults, name)})",
+            **extra,
+        )
     p.add_argument("--no-adaptive", action="store_true", help="turn Otsu's threshold off (implies --blur 0)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--stream", action="store_true", help="print text as passes accept tokens")
@@ -70,9 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         rt = DynaMoRuntime.load(args.artifact, provider=args.provider, threads=args.threads)
         config = sampling_config(args, rt.default_config)
         if args.stream and not args.json:
-            for piece in rt.stream(args.prompt, args.max_new_tokens, config, seed=args.seed):
-                print(piece, end="", flush=True)
-            print()
+            pieces = rt.stream(args.prompt, args.max_new_tokens, config, seed=args.seed)
+            while True:
+                try:
+                    print(next(pieces), end="", flush=True)
+                except StopIteration as done:  # the stream returns its stats
+                    stats = done.value
+                    break
+            print(flush=True)
+            for line in summary(stats, config, rt.manifest.model.context_length):
+                print(line, file=sys.stderr)
             return 0
         result = rt.generate(args.prompt, args.max_new_tokens, config, seed=args.seed)
     except DynaMoRuntimeError as exc:
@@ -92,18 +113,24 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         print(result.text, flush=True)  # before the stats on stderr
-        for line in summary(result.stats, config):
+        for line in summary(result.stats, config, rt.manifest.model.context_length):
             print(line, file=sys.stderr)
     return 0
 
 
-def summary(stats, config: SamplingConfig) -> list[str]:
-    """The stats lines printed under the text: passes and speed; for verify, its acceptance."""
+def summary(stats, config: SamplingConfig, context: int) -> list[str]:
+    """The stats lines printed under the text: passes and speed; for verify, its acceptance; and why
+    a generation stopped short when the context ran out."""
     lines = [
         f"-- {stats.new_tokens} tokens in {stats.forward_passes} passes "
         f"({stats.tokens_per_pass:.2f} tokens/pass, {stats.tokens_per_s:.1f} tokens/s, "
         f"stop: {stats.stop_reason})"
     ]
+    if stats.stop_reason == "context":
+        lines.append(
+            f"-- the prompt's {stats.prompt_tokens} tokens left room for only {stats.new_tokens} new ones in the "
+            f"model's context of {context}: shorten the prompt to generate more"
+        )
     if config.mode == "verify" and stats.drafted:
         positions = " / ".join(f"{100 * a:.0f}%" for a in stats.acceptance_by_position)
         shaped = {1: "marginal", 2: "pairs", 3: "triples"}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,14 +116,16 @@ class DynaMoRuntime:
         config: SamplingConfig | None = None,
         seed: int | None = None,
         time_limit_s: float | None = None,
-    ) -> Iterator[str]:
-        """Yield text pieces as passes accept tokens; joined, they equal generate()'s text."""
+    ) -> Generator[str, None, GenerationStats]:
+        """Yield text pieces as passes accept tokens; joined, they equal generate()'s text. The
+        generator returns the call's stats (StopIteration.value) for a caller that wants them."""
         if self.tokenizer is None:
             raise InputError(
                 "stream() yields text and this artifact has no tokenizer: use generate() with ids"
             )
-        emitted = ""
+        emitted, stats = "", GenerationStats()
         for _, decoder in self._decode(prompt, max_new_tokens, config, seed, time_limit_s):
+            stats = decoder.stats
             text = self._text(decoder.generated)
             # A byte-level BPE token can end inside a UTF-8 character: wait for the rest of it.
             if text.endswith("\ufffd") and not decoder.stats.stop_reason:
@@ -131,6 +133,7 @@ class DynaMoRuntime:
             if len(text) > len(emitted):
                 yield text[len(emitted) :]
                 emitted = text
+        return stats
 
     # -- internals ------------------------------------------------------------------------------
 

@@ -143,6 +143,8 @@ def test_cli_writes_every_figure(bench):
         expected = (1 + a1 + a1 * a2) / fig["pass_cost_vs_ar"]
         assert fig["estimated_speedup"] == pytest.approx(expected)
         assert fig["observed_speedup"] == result["speedups"][label]["vs_ar"]
+    for baseline in ("optimum", "pytorch"):  # they decode one token a pass: labelled ar, not dynamic
+        assert result["runners"][baseline]["sampling"]["mode"] == "ar"
     greedy = result["greedy_verify_equals_ar"]
     assert greedy["prompts"] == len(PAPER_PROMPTS) + 2 and greedy["equal"] == greedy["prompts"]
     assert (bench / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
