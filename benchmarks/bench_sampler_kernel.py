@@ -111,7 +111,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument(
-        "--threads", type=int, default=1, help="ONNX Runtime threads for the live runs (0: its default, all cores)"
+        "--threads",
+        type=int,
+        default=1,
+        help="ONNX Runtime threads for the live runs (0: its default, all cores)",
     )
     parser.add_argument("--live-only", action="store_true", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args(argv)

@@ -54,9 +54,15 @@ def mode_hashes(rt: DynaMoRuntime, max_new_tokens: int) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--artifact", default="out/reference-t3-onnx", help="exported artifact (default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per generation (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--artifact", default="out/reference-t3-onnx", help="exported artifact (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=48, help="tokens per generation (default: %(default)s)"
+    )
     parser.add_argument("--json", help="also write the hashes to this file")
     args = parser.parse_args(argv)
     rt = DynaMoRuntime.load(args.artifact, threads=1)

@@ -34,7 +34,9 @@ def _read_config_dict(path: Path) -> dict:
     if not path.exists():
         raise CheckpointError(f"{path} does not exist: pass a checkpoint directory (config.json + weights)")
     if not path.is_dir():
-        raise CheckpointError(f"{path} is not a directory: pass a checkpoint directory (config.json + weights)")
+        raise CheckpointError(
+            f"{path} is not a directory: pass a checkpoint directory (config.json + weights)"
+        )
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
         raise CheckpointError(f"{path} has no {CONFIG_NAME}: it is not a Hugging Face checkpoint directory")
@@ -152,7 +154,9 @@ def _check_keys(found: dict, expected: dict, skip: set[str], source: str) -> Non
     )
     problems = []
     if missing:
-        problems.append(f"missing {len(missing)} tensors: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        problems.append(
+            f"missing {len(missing)} tensors: {missing[:10]}{' ...' if len(missing) > 10 else ''}"
+        )
     if unexpected:
         problems.append(f"unexpected {len(unexpected)} tensors: {unexpected[:10]}")
     if mis_shaped:
@@ -175,7 +179,9 @@ def load_dynamo(
         )
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
-        raise CheckpointError(f"{path} has no {WEIGHTS_NAME}: DynaMo checkpoints store weights in safetensors")
+        raise CheckpointError(
+            f"{path} has no {WEIGHTS_NAME}: DynaMo checkpoints store weights in safetensors"
+        )
     try:
         config = DynaMoConfig.from_pretrained(path)
     except (ValueError, TypeError) as exc:
@@ -194,7 +200,10 @@ def load_dynamo(
 
 
 def save_dynamo(
-    model: PreTrainedModel, directory: str | os.PathLike, overwrite: bool = False, dtype: torch.dtype | None = None
+    model: PreTrainedModel,
+    directory: str | os.PathLike,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write config.json + model.safetensors (+ tokenizer files) atomically: temp dir, then rename."""
     directory = Path(directory)

@@ -173,16 +173,21 @@ class DynaMoForCausalLM(DynaMoPreTrainedModel):
         hidden = self.emb_dropout(self.embed_in(input_ids))  # (B, T, H)
         attention_bias = additive_attention_mask(attention_mask, seq, hidden.dtype)  # (B, 1, T, past+T)
         rotary = self.rotary_emb(hidden, position_ids)  # cos, sin: (B, T, rotary_dim)
-        cache = _TensorCache(past_key_values, self.config.num_cache_layers) if (
-            use_cache or past_key_values is not None
-        ) else None
+        cache = (
+            _TensorCache(past_key_values, self.config.num_cache_layers)
+            if (use_cache or past_key_values is not None)
+            else None
+        )
 
         for layer in self.stem:
-            hidden = layer(hidden, attention_mask=attention_bias, position_embeddings=rotary, layer_past=cache)[0]
+            hidden = layer(
+                hidden, attention_mask=attention_bias, position_embeddings=rotary, layer_past=cache
+            )[0]
 
         branch = scale_gradient(hidden, self.branch_grad_scale) if self.training else hidden
         head_states = [
-            head(hidden if j == 0 else branch, attention_bias, rotary, cache) for j, head in enumerate(self.heads)
+            head(hidden if j == 0 else branch, attention_bias, rotary, cache)
+            for j, head in enumerate(self.heads)
         ]
         stacked = torch.stack(head_states, dim=1)  # (B, n, T, H)
         logits = self.embed_out(stacked)  # (B, n, T, V): one MatMul shared by all heads
@@ -204,7 +209,9 @@ class DynaMoForCausalLM(DynaMoPreTrainedModel):
             raise TypeError(f"unsupported from_pretrained options: {sorted(unused)}")
         return load_dynamo(cls, path, dtype=torch_dtype)
 
-    def save_pretrained(self, save_directory, overwrite: bool = False, dtype: torch.dtype | None = None, **unused):
+    def save_pretrained(
+        self, save_directory, overwrite: bool = False, dtype: torch.dtype | None = None, **unused
+    ):
         """Save atomically; an existing directory is replaced only with overwrite=True."""
         if unused:
             raise TypeError(f"unsupported save_pretrained options: {sorted(unused)}")

@@ -48,13 +48,13 @@ def write_token_file(path: str | os.PathLike, ids: np.ndarray, vocab_size: int, 
     if ids.ndim != 1:
         raise TokenFileError(f"token ids must be 1-D, got shape {ids.shape}")
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise TokenFileError(
-            f"token ids must lie in [0, {vocab_size}); got range [{ids.min()}, {ids.max()}]"
-        )
+        raise TokenFileError(f"token ids must lie in [0, {vocab_size}); got range [{ids.min()}, {ids.max()}]")
     if not 0 <= eot_id < vocab_size:
         raise TokenFileError(f"eot_id {eot_id} is outside the vocabulary of size {vocab_size}")
     dtype = dtype_for_vocab(vocab_size)
-    meta = TokenFileMeta(dtype=dtype, vocab_size=int(vocab_size), num_tokens=int(ids.size), eot_id=int(eot_id))
+    meta = TokenFileMeta(
+        dtype=dtype, vocab_size=int(vocab_size), num_tokens=int(ids.size), eot_id=int(eot_id)
+    )
     atomic_write_bytes(bin_path, ids.astype(_DTYPES[dtype]).tobytes())
     atomic_write_json(json_path, asdict(meta))
     return meta
@@ -63,7 +63,9 @@ def write_token_file(path: str | os.PathLike, ids: np.ndarray, vocab_size: int, 
 def read_token_meta(path: str | os.PathLike) -> TokenFileMeta:
     bin_path, json_path = _paths(path)
     if not json_path.is_file():
-        raise TokenFileError(f"{json_path} not found: a token file is NAME.bin + NAME.json (make one with dynamo-data)")
+        raise TokenFileError(
+            f"{json_path} not found: a token file is NAME.bin + NAME.json (make one with dynamo-data)"
+        )
     try:
         raw = json.loads(json_path.read_text())
         meta = TokenFileMeta(

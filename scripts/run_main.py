@@ -43,7 +43,9 @@ def main() -> int:
     if code:
         return code
     rt = DynaMoRuntime.load(OUT, provider="cpu")
-    print(f"\nONNX Runtime on its default threads ({os.cpu_count()} CPUs here), each mode after one untimed call;")
+    print(
+        f"\nONNX Runtime on its default threads ({os.cpu_count()} CPUs here), each mode after one untimed call;"
+    )
     print("docs/bench-reference.md is the full benchmark (1 thread, 20 prompts x 3 seeds, 5 rounds).")
     print(f"\n{'mode':<20} {'tokens/pass':>11} {'tokens/s':>9} {'decode tok/s':>12} {'sampling/ORT':>12}")
     for name, config in MODES:
@@ -62,8 +64,10 @@ def main() -> int:
             ort += s.decode_ort_s
             sampling += s.decode_sampling_s
             samples.append(result.text)
-        print(f"{name:<20} {tokens / passes:>11.2f} {tokens / seconds:>9.1f} {decode_tokens / decode_s:>12.1f} "
-              f"{sampling / ort:>12.2f}")
+        print(
+            f"{name:<20} {tokens / passes:>11.2f} {tokens / seconds:>9.1f} {decode_tokens / decode_s:>12.1f} "
+            f"{sampling / ort:>12.2f}"
+        )
         print(f"    {PROMPTS[0]!r} -> {samples[0][:110]!r}")
     return 0
 

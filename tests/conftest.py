@@ -137,13 +137,24 @@ def bpe_models(tmp_path_factory) -> Path:
     write_token_file(root / "tokens", ids, vocab_size=320, eot_id=0)
     torch.manual_seed(0)
     config = GPTNeoXConfig(
-        vocab_size=320, hidden_size=32, num_attention_heads=4, num_hidden_layers=3, intermediate_size=64,
-        rotary_pct=0.25, max_position_embeddings=128, eos_token_id=0, bos_token_id=0,
+        vocab_size=320,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        intermediate_size=64,
+        rotary_pct=0.25,
+        max_position_embeddings=128,
+        eos_token_id=0,
+        bos_token_id=0,
     )
     GPTNeoXForCausalLM(config).save_pretrained(root / "base")
     (root / "base" / "tokenizer.json").write_bytes((root / "tokenizer.json").read_bytes())
-    DynaMoForCausalLM.from_gpt_neox(root / "base", num_token_heads=3, head_init="copy").save_pretrained(root / "t3")
+    DynaMoForCausalLM.from_gpt_neox(root / "base", num_token_heads=3, head_init="copy").save_pretrained(
+        root / "t3"
+    )
     build_cooccurrence(root / "tokens", root / "cooc", orders=(2, 3), workers=1, progress=False)
     export_artifact(root / "base", out=root / "base-onnx", verify=False, progress=False)
-    export_artifact(root / "t3", out=root / "t3-onnx", cooccurrence=root / "cooc", verify=False, progress=False)
+    export_artifact(
+        root / "t3", out=root / "t3-onnx", cooccurrence=root / "cooc", verify=False, progress=False
+    )
     return root

@@ -82,7 +82,10 @@ def test_directory_refuses_an_existing_target_unless_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="already exists"), atomic_directory(target):
         pytest.fail("the block must not run")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(NotADirectoryError, match="not a directory"), atomic_directory(tmp_path / "file", True):
+    with (
+        pytest.raises(NotADirectoryError, match="not a directory"),
+        atomic_directory(tmp_path / "file", True),
+    ):
         pytest.fail("the block must not run")
     with atomic_directory(target, overwrite=True) as staging:
         (staging / "new").write_text("new")

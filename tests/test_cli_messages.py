@@ -28,9 +28,9 @@ def test_every_option_with_a_default_shows_it(parser):
     for action in built._actions:
         if not action.option_strings or action.default in (None, False, argparse.SUPPRESS):
             continue
-        assert action.help and (
-            "default" in action.help or f"(default: {action.default}" in text
-        ), action.option_strings
+        assert action.help and ("default" in action.help or f"(default: {action.default}" in text), (
+            action.option_strings
+        )
     assert "(default: None)" not in text
 
 

@@ -15,11 +15,19 @@ from dynamo_export.modeling import scale_gradient
 VOCAB = 97
 
 
-def tiny_neox(parallel: bool = True, rotary_pct: float = 0.25, layers: int = 3, seed: int = 0) -> GPTNeoXForCausalLM:
+def tiny_neox(
+    parallel: bool = True, rotary_pct: float = 0.25, layers: int = 3, seed: int = 0
+) -> GPTNeoXForCausalLM:
     torch.manual_seed(seed)
     config = GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_hidden_layers=layers, intermediate_size=64,
-        rotary_pct=rotary_pct, use_parallel_residual=parallel, max_position_embeddings=128,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_hidden_layers=layers,
+        intermediate_size=64,
+        rotary_pct=rotary_pct,
+        use_parallel_residual=parallel,
+        max_position_embeddings=128,
     )
     return GPTNeoXForCausalLM(config).eval()
 
@@ -76,7 +84,12 @@ def test_kv_cache_decoding_equals_full_forward_for_every_head(saved_base, step):
     assert (incremental - full).abs().max().item() <= 1e-5
     config = model.config
     assert len(cache) == config.num_hidden_layers + 3 - 1
-    assert cache[0][0].shape == (2, config.num_attention_heads, 22, config.hidden_size // config.num_attention_heads)
+    assert cache[0][0].shape == (
+        2,
+        config.num_attention_heads,
+        22,
+        config.hidden_size // config.num_attention_heads,
+    )
 
 
 def test_cache_layer_order_is_stem_then_head1_then_extra_heads(saved_base):
@@ -85,8 +98,12 @@ def test_cache_layer_order_is_stem_then_head1_then_extra_heads(saved_base):
     layers = [*model.stem, *(head.layer for head in model.heads)]
     assert [layer.attention.layer_idx for layer in layers] == list(range(model.config.num_cache_layers))
     base = GPTNeoXForCausalLM.from_pretrained(saved_base)
-    torch.testing.assert_close(model.heads[0].layer.attention.dense.weight, base.gpt_neox.layers[-1].attention.dense.weight)
-    torch.testing.assert_close(model.stem[0].attention.dense.weight, base.gpt_neox.layers[0].attention.dense.weight)
+    torch.testing.assert_close(
+        model.heads[0].layer.attention.dense.weight, base.gpt_neox.layers[-1].attention.dense.weight
+    )
+    torch.testing.assert_close(
+        model.stem[0].attention.dense.weight, base.gpt_neox.layers[0].attention.dense.weight
+    )
 
 
 def test_head_init_copy_duplicates_last_layer_and_random_does_not(saved_base):

@@ -81,7 +81,8 @@ def with_wide_indices(mask):
     assert tables.pair_indices.dtype == np.uint16 and tables.triple_indices.dtype == np.uint16
     wide = copy.copy(mask)
     wide._csr_tables = tables._replace(
-        pair_indices=tables.pair_indices.astype(np.int32), triple_indices=tables.triple_indices.astype(np.int32)
+        pair_indices=tables.pair_indices.astype(np.int32),
+        triple_indices=tables.triple_indices.astype(np.int32),
     )
     return wide
 

@@ -46,7 +46,7 @@ def test_greedy_ar_equals_transformers_generate(artifacts):
     with torch.no_grad():
         expected = base.generate(
             torch.tensor([prompt]), max_new_tokens=64, do_sample=False, eos_token_id=0, pad_token_id=0
-        )[0, len(prompt):].tolist()
+        )[0, len(prompt) :].tolist()
     if 0 in expected:  # our runtime stops at eos without emitting it
         expected = expected[: expected.index(0)]
     result = rt.generate(prompt, max_new_tokens=64, config=GREEDY)
@@ -111,7 +111,9 @@ def test_verify_sampling_matches_ar_distribution(artifacts):
     model = DynaMoForCausalLM.from_pretrained(artifacts / "t3")
     prompt = rt.tokenizer.encode(PROMPT).ids
     k = 4
-    config = SamplingConfig(mode="verify", top_k=k, temperature=1.0, repetition_penalty=1.0, adaptive=False, blur=0)
+    config = SamplingConfig(
+        mode="verify", top_k=k, temperature=1.0, repetition_penalty=1.0, adaptive=False, blur=0
+    )
     with torch.no_grad():
         first = model(torch.tensor([prompt])).logits[0, 0, -1]
         top1 = torch.topk(first, k).indices
@@ -119,7 +121,9 @@ def test_verify_sampling_matches_ar_distribution(artifacts):
         second = model(torch.tensor([[*prompt, int(t)] for t in top1])).logits[:, 0, -1]  # (k, V)
     top2 = torch.topk(second, k, dim=-1).indices
     p2 = torch.softmax(torch.gather(second, 1, top2), -1)
-    exact = {(int(a), int(b)): float(p1[i] * p2[i, j]) for i, a in enumerate(top1) for j, b in enumerate(top2[i])}
+    exact = {
+        (int(a), int(b)): float(p1[i] * p2[i, j]) for i, a in enumerate(top1) for j, b in enumerate(top2[i])
+    }
     trials = 3000
     results = [rt.generate(prompt, 2, config, seed=s) for s in range(trials)]
     counts = Counter(tuple(r.token_ids) for r in results)
@@ -200,7 +204,10 @@ def test_io_binding_path_equals_the_plain_one(artifacts):
     position = 0
     for feed in ([5, 17, 42], [7, 9], [11]):
         positions = list(range(position, position + len(feed)))
-        a, b = (rt.session.forward(cache, feed, positions) for rt, cache in zip((plain, bound), caches, strict=True))
+        a, b = (
+            rt.session.forward(cache, feed, positions)
+            for rt, cache in zip((plain, bound), caches, strict=True)
+        )
         np.testing.assert_array_equal(a, b)
         position += len(feed)
         if len(feed) == 2:  # a rejected draft: its slot is masked, the next token takes its position
