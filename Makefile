@@ -22,6 +22,7 @@ run: $(STAMP)
 # The whole suite, slow integration tests included (CI runs exactly this).
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)

@@ -1,6 +1,6 @@
 """Expected speculative-sampling acceptance of each draft position, teacher-forced on a token file.
 
-In `verify` mode (DYNAMO.md, "Lossless mode") head 1 emits x[t+1] at position t
+In `verify` mode (docs/METHOD.md, "Verify mode") head 1 emits x[t+1] at position t
 and heads i = 2..n draft x[t+i]; the next pass accepts draft i with probability
 min(1, p(x) / q_i(x)), p being head 1's distribution at position t+i-1 (the one
 that predicts the same token). Averaged over the draft, the acceptance is
@@ -83,7 +83,9 @@ class AcceptanceResult:
         return {**asdict(self), "alpha": self.metrics()}
 
 
-def sampling_distribution(logits: torch.Tensor, temperature: float, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sampling_distribution(
+    logits: torch.Tensor, temperature: float, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The runtime's sampling distribution: (ids (..., k) int64, probs (..., k) float64 summing to 1).
 
     softmax(logits / T) restricted to the top-k logits and renormalised, which is

@@ -1,4 +1,4 @@
-"""Multi-token perplexity over a token file: PPL_1..PPL_n and PPL_1:n (DYNAMO.md, "Evaluation").
+"""Multi-token perplexity over a token file: PPL_1..PPL_n and PPL_1:n (docs/METHOD.md, "Evaluation").
 
 Windows. The file is cut into windows of seq_len + n tokens that start every
 seq_len tokens (window k starts at k*seq_len). The model reads the first
@@ -151,4 +151,3 @@ def format_table(result: EvalResult) -> str:
     rows.append(("positions", str(result.num_positions)))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{name:<{width}}  {value:>12}" for name, value in rows)
-

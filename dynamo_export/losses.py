@@ -1,7 +1,7 @@
 """The modified causal-LM objective and the per-head log-likelihoods evaluation needs.
 
 Head i (index i-1 in the logits) at position t predicts token t+i from tokens
-0..t (DYNAMO.md). Both functions take the logits the model produced for the
+0..t (docs/METHOD.md). Both functions take the logits the model produced for the
 first T tokens and a `tokens` tensor that starts with those T input tokens and
 may run past them: training and evaluation feed windows of T + n tokens so
 that every head has a label at every one of the T positions, while a bare
@@ -85,7 +85,7 @@ def joint_log_likelihood(head_ll: torch.Tensor) -> torch.Tensor:
     """log J(x[t+1..t+n] | x[0..t]) with J the product of the head marginals: (B, n, P) -> (B, P).
 
     This is the joint *without* co-occurrence masking (the model alone); the
-    masked joint of DYNAMO.md needs the corpus counts and lives with them.
+    masked joint of docs/METHOD.md needs the corpus counts and lives with them.
     """
     return head_ll.sum(dim=1)
 

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dynamo_export.atomic import atomic_directory, atomic_write_json
 from dynamo_export.errors import TrainingError
+from runtime.atomic import atomic_directory, atomic_write_json
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"

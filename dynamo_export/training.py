@@ -1,4 +1,4 @@
-"""Modified-CLM training of a DynaMo model (DYNAMO.md, "Training"), resumable bit for bit.
+"""Modified-CLM training of a DynaMo model (docs/METHOD.md, "Training"), resumable bit for bit.
 
 One code path trains both a DynaMo model from a GPT-NeoX/DynaMo checkpoint and
 a plain GPT-NeoX base from scratch: a fresh base is a random
@@ -47,7 +47,6 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from dynamo_export.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from dynamo_export.checkpoint import TOKENIZER_FILES, WEIGHTS_NAME, checkpoint_kind, gpt_neox_key_map
 from dynamo_export.distill import backward_losses
 from dynamo_export.errors import CheckpointError, TrainingError
@@ -61,6 +60,7 @@ from dynamo_export.train_state import (
     read_checkpoint_meta,
     save_checkpoint,
 )
+from runtime.atomic import atomic_directory, atomic_write_json, atomic_write_text
 
 TRAIN_CONFIG_JSON = "train_config.json"
 LOG_NAME = "train_log.jsonl"

@@ -69,7 +69,9 @@ def _dist(pairs):
 
 def test_overlap_of_hand_made_distributions():
     p = _dist([(3, 0.5), (7, 0.3), (1, 0.2)])
-    assert overlap(*p, *_dist([(1, 0.2), (3, 0.5), (7, 0.3)])).item() == pytest.approx(1.0)  # q = p, any order
+    assert overlap(*p, *_dist([(1, 0.2), (3, 0.5), (7, 0.3)])).item() == pytest.approx(
+        1.0
+    )  # q = p, any order
     assert overlap(*p, *_dist([(0, 0.6), (2, 0.4)])).item() == 0.0  # disjoint supports
     # shared tokens 3 and 1: min(0.5, 0.1) + min(0.2, 0.6) = 0.3
     assert overlap(*p, *_dist([(3, 0.1), (1, 0.6), (9, 0.3)])).item() == pytest.approx(0.3)
@@ -207,10 +209,14 @@ class Oracle(torch.nn.Module):
 
 def test_positions_pair_each_draft_with_the_head_1_position_that_predicts_its_token(corpus):
     ids, _ = open_tokens(corpus[0])
-    aligned = expected_acceptance(Oracle(0), ids, SEQ, BATCH, None, TEMPERATURE, TOP_K, BATCHES, progress=False)
+    aligned = expected_acceptance(
+        Oracle(0), ids, SEQ, BATCH, None, TEMPERATURE, TOP_K, BATCHES, progress=False
+    )
     assert aligned.marginal == pytest.approx([1.0, 1.0], abs=1e-12)
     assert aligned.tokens_per_pass == pytest.approx(3.0, abs=1e-12)
-    shifted = expected_acceptance(Oracle(1), ids, SEQ, BATCH, None, TEMPERATURE, TOP_K, BATCHES, progress=False)
+    shifted = expected_acceptance(
+        Oracle(1), ids, SEQ, BATCH, None, TEMPERATURE, TOP_K, BATCHES, progress=False
+    )
     assert max(shifted.marginal) < 0.9
 
 

@@ -273,7 +273,9 @@ def test_cli_passes_the_options_and_reports_errors(token_files, tmp_path, capsys
     with pytest.raises(SystemExit, match=r"dynamo-train: error: .*--distill is a mixing weight.*got 2\.0"):
         train_main([*common, "--out", str(tmp_path / "bad"), "--steps", "1", "--distill", "2"])
     out = tmp_path / "ok"
-    train_main([*common, "--out", str(out), "--steps", "2", "--distill", "0.5", "--distill-temperature", "0.7"])
+    train_main(
+        [*common, "--out", str(out), "--steps", "2", "--distill", "0.5", "--distill-temperature", "0.7"]
+    )
     saved = json.loads((out / "final" / "train_config.json").read_text())
     assert (saved["distill"], saved["distill_temperature"]) == (0.5, 0.7)
     assert len(_log(out)[1]["train_kl"]) == 1

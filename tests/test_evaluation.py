@@ -12,11 +12,11 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from dynamo_export import DynaMoForCausalLM
-from dynamo_export.atomic import atomic_write_json
 from dynamo_export.cli.eval import main as eval_main
 from dynamo_export.errors import CheckpointError, TokenFileError
 from dynamo_export.evaluation import evaluate, load_eval_model, num_windows
 from dynamo_export.tokens import open_tokens, write_token_file
+from runtime.atomic import atomic_write_json
 
 VOCAB = 50
 SEQ = 8

@@ -20,10 +20,10 @@ from dynamo_export.acceptance import (
     expected_acceptance,
     format_acceptance,
 )
-from dynamo_export.atomic import atomic_write_json
 from dynamo_export.errors import DynaMoError, TokenFileError
 from dynamo_export.evaluation import check_vocab, evaluate, format_table, load_eval_model
 from dynamo_export.tokens import open_tokens
+from runtime.atomic import atomic_write_json
 from runtime.errors import DynaMoRuntimeError
 
 
@@ -77,7 +77,14 @@ def run(args) -> dict:
 
             masks = CooccurrenceMask.load(args.cooccurrence)
         accepted = expected_acceptance(
-            model, ids, seq_len, args.batch_size, masks, args.temperature, args.top_k, args.max_batches,
+            model,
+            ids,
+            seq_len,
+            args.batch_size,
+            masks,
+            args.temperature,
+            args.top_k,
+            args.max_batches,
             progress=not args.no_progress,
         )
         print(format_acceptance(accepted))
