@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from dynamo_export.atomic import atomic_directory, atomic_write_json
+from runtime.atomic import atomic_directory, atomic_write_json
 
 DATA = Path("data/reference")
 WORK = Path("work/reference")
@@ -43,15 +43,52 @@ ARTIFACTS = Path("artifacts")
 SEED = 0
 
 BASE_ARGS = [
-    "--layers", "6", "--hidden", "256", "--heads", "8", "--context", "1024",
-    "--seq-len", "256", "--batch-size", "8", "--steps", "1200", "--lr-b", "1e-3",
-    "--eval-every", "200", "--eval-batches", "8", "--save-every", "100",
+    "--layers",
+    "6",
+    "--hidden",
+    "256",
+    "--heads",
+    "8",
+    "--context",
+    "1024",
+    "--seq-len",
+    "256",
+    "--batch-size",
+    "8",
+    "--steps",
+    "1200",
+    "--lr-b",
+    "1e-3",
+    "--eval-every",
+    "200",
+    "--eval-batches",
+    "8",
+    "--save-every",
+    "100",
 ]
 T3_COMMON = [
-    "--num-token-heads", "3", "--head-init", "copy",
-    "--seq-len", "256", "--batch-size", "8", "--steps", "300",
-    "--lr-b", "1e-5", "--lr-m", "1e-3", "--lr-mb", "1e-6",
-    "--eval-every", "50", "--eval-batches", "8", "--save-every", "50",
+    "--num-token-heads",
+    "3",
+    "--head-init",
+    "copy",
+    "--seq-len",
+    "256",
+    "--batch-size",
+    "8",
+    "--steps",
+    "300",
+    "--lr-b",
+    "1e-5",
+    "--lr-m",
+    "1e-3",
+    "--lr-mb",
+    "1e-6",
+    "--eval-every",
+    "50",
+    "--eval-batches",
+    "8",
+    "--save-every",
+    "50",
 ]
 # Stage-2 recipes the search compares (added to T3_COMMON); RECIPE is the one the build trains.
 SEARCH = {
@@ -61,7 +98,7 @@ SEARCH = {
     "distill-0.5-t0.7": ["--distill", "0.5", "--distill-temperature", "0.7"],
     "distill-1.0-t0.7": ["--distill", "1.0", "--distill-temperature", "0.7"],
 }
-RECIPE = "plain"
+RECIPE = "distill-0.5-t0.7"
 T3_ARGS = [*T3_COMMON, *SEARCH[RECIPE]]
 EVAL_ARGS = ["--seq-len", "256", "--batch-size", "8"]
 
@@ -79,18 +116,43 @@ def train(out: Path, extra: list[str]) -> float | None:
         print(f"{out}/final exists; skipping", flush=True)
         return None
     resume = ["--resume"] if list((out / "checkpoints").glob("step-*")) else []
-    return run([
-        "dynamo_export.cli.train", "--train", str(DATA / "train.bin"), "--val", str(DATA / "heldout.bin"),
-        "--out", str(out), "--seed", str(SEED), "--tokenizer", str(DATA / "tokenizer.json"), *extra, *resume,
-    ])
+    return run(
+        [
+            "dynamo_export.cli.train",
+            "--train",
+            str(DATA / "train.bin"),
+            "--val",
+            str(DATA / "heldout.bin"),
+            "--out",
+            str(out),
+            "--seed",
+            str(SEED),
+            "--tokenizer",
+            str(DATA / "tokenizer.json"),
+            *extra,
+            *resume,
+        ]
+    )
 
 
 def evaluate(model: Path, out: Path, acceptance: bool) -> dict:
     """dynamo-eval on the held-out split (+ the expected acceptance with and without masks) -> out."""
     if not out.is_file():
         extra = ["--acceptance", "--cooccurrence", str(WORK / "cooccurrence")] if acceptance else []
-        run(["dynamo_export.cli.eval", "--model", str(model), "--tokens", str(DATA / "heldout.bin"),
-             *EVAL_ARGS, *extra, "--json", str(out), "--no-progress"])
+        run(
+            [
+                "dynamo_export.cli.eval",
+                "--model",
+                str(model),
+                "--tokens",
+                str(DATA / "heldout.bin"),
+                *EVAL_ARGS,
+                *extra,
+                "--json",
+                str(out),
+                "--no-progress",
+            ]
+        )
     return json.loads(out.read_text())
 
 
@@ -110,19 +172,20 @@ def fp16_copy(source: Path, target: Path) -> None:
         import torch
         from transformers import GPTNeoXForCausalLM
 
-        tmp = target.with_name(f".{target.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        GPTNeoXForCausalLM.from_pretrained(source).to(torch.float16).save_pretrained(tmp)
-        for name in ("tokenizer.json",):
-            if (source / name).is_file():
-                shutil.copy2(source / name, tmp / name)
-        os.replace(tmp, target)
+        with atomic_directory(target) as tmp:
+            GPTNeoXForCausalLM.from_pretrained(source).to(torch.float16).save_pretrained(tmp)
+            if (source / "tokenizer.json").is_file():
+                shutil.copy2(source / "tokenizer.json", tmp / "tokenizer.json")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--stop-after", choices=["data", "base"], help="stop after this step (resume later)")
-    parser.add_argument("--search", action="store_true", help="run the stage-2 recipe search instead of the build")
+    parser.add_argument(
+        "--search", action="store_true", help="run the stage-2 recipe search instead of the build"
+    )
     args = parser.parse_args(argv)
     timings_path = WORK / "timings.json"
     WORK.mkdir(parents=True, exist_ok=True)
@@ -141,19 +204,55 @@ def main(argv: list[str] | None = None) -> None:
         return
     base = WORK / "base" / "final-gpt-neox"
     if not (WORK / "cooccurrence").is_dir():
-        record("cooccurrence_s", run(["dynamo_export.cli.cooccur", "--tokens", str(DATA / "train.bin"),
-                                      "--out", str(WORK / "cooccurrence"), "--orders", "2,3", "--workers", "2"]))
+        record(
+            "cooccurrence_s",
+            run(
+                [
+                    "dynamo_export.cli.cooccur",
+                    "--tokens",
+                    str(DATA / "train.bin"),
+                    "--out",
+                    str(WORK / "cooccurrence"),
+                    "--orders",
+                    "2,3",
+                    "--workers",
+                    "2",
+                ]
+            ),
+        )
     if args.search:
         search(base)
         return
-    record("t3_train_s", train(WORK / "t3", ["--model", str(base), *T3_ARGS]))
+    reused_s = reuse_search_run(WORK / "t3")
+    record(
+        "t3_train_s",
+        reused_s if reused_s is not None else train(WORK / "t3", ["--model", str(base), *T3_ARGS]),
+    )
     fp16_copy(base, WORK / "base-fp16")
     fp16_copy(WORK / "t3" / "final", WORK / "t3-fp16")
-    for model, name in ((base, "base"), (WORK / "t3" / "final", "t3"),
-                        (WORK / "base-fp16", "base-fp16"), (WORK / "t3-fp16", "t3-fp16")):
+    for model, name in (
+        (base, "base"),
+        (WORK / "t3" / "final", "t3"),
+        (WORK / "base-fp16", "base-fp16"),
+        (WORK / "t3-fp16", "t3-fp16"),
+    ):
         evaluate(model, WORK / f"eval-{name}.json", acceptance=name.startswith("t3"))
     install()
     print(json.dumps(timings, indent=2))
+
+
+def reuse_search_run(t3: Path) -> float | None:
+    """Take the search's run of RECIPE as the T3 stage (the same seeded command, so the same model).
+
+    Returns the search run's training seconds, or None when there is nothing to reuse.
+    """
+    searched = WORK / "search" / RECIPE
+    if t3.exists() or not (searched / "final").is_dir():
+        return None
+    print(f"{t3}: reusing {searched} (same command and seed)", flush=True)
+    with atomic_directory(t3) as tmp:
+        shutil.copytree(searched, tmp, dirs_exist_ok=True)
+    return json.loads((WORK / "search.json").read_text())[RECIPE]["train_s"]
 
 
 def search(base: Path) -> None:
@@ -167,8 +266,12 @@ def search(base: Path) -> None:
         entry = results.get(name, {})
         if seconds is not None:
             entry["train_s"] = entry.get("train_s", 0.0) + seconds
-        entry.update(args=extra, ppl=report["ppl"], alpha=report["acceptance"]["alpha"],
-                     mask_use=report["acceptance"]["mask_use"])
+        entry.update(
+            args=extra,
+            ppl=report["ppl"],
+            alpha=report["acceptance"]["alpha"],
+            mask_use=report["acceptance"]["mask_use"],
+        )
         results[name] = entry
         atomic_write_json(results_path, results)
     print(json.dumps(results, indent=2))
@@ -182,10 +285,15 @@ def install() -> None:
             if name == "reference-t3":
                 shutil.copytree(WORK / "cooccurrence", tmp / "cooccurrence")
     search_path = WORK / "search.json"
-    build = {"timings_s": json.loads((WORK / "timings.json").read_text()),
-             "eval": {p.stem: json.loads(p.read_text()) for p in sorted(WORK.glob("eval-*.json"))},
-             "base_args": BASE_ARGS, "t3_args": T3_ARGS, "recipe": RECIPE, "seed": SEED,
-             "recipe_search": json.loads(search_path.read_text()) if search_path.is_file() else None}
+    build = {
+        "timings_s": json.loads((WORK / "timings.json").read_text()),
+        "eval": {p.stem: json.loads(p.read_text()) for p in sorted(WORK.glob("eval-*.json"))},
+        "base_args": BASE_ARGS,
+        "t3_args": T3_ARGS,
+        "recipe": RECIPE,
+        "seed": SEED,
+        "recipe_search": json.loads(search_path.read_text()) if search_path.is_file() else None,
+    }
     atomic_write_json(ARTIFACTS / "reference-build.json", build)
 
 
