@@ -40,15 +40,17 @@ from converters.io_spec import IOSpec, check_graph_io, io_spec
 from converters.onnx_export import check_shared_projection, export_onnx
 from converters.optimize import Int4Config, fuse, quantize_int4, quantize_int8, save_onnx, to_fp16
 from converters.verify import ParityReport, provider_for, verify_graph
-from dynamo_export.checkpoint import checkpoint_kind
+from dynamo_export.checkpoint import checkpoint_fingerprint, checkpoint_kind
 from dynamo_export.config import DynaMoConfig
 from dynamo_export.errors import CheckpointError
 from dynamo_export.modeling import DynaMoForCausalLM
+from dynamo_export.tokens import read_token_meta
 from runtime.atomic import install_directory
 from runtime.config import SamplingConfig
 from runtime.contract import CACHE_DTYPE, WEIGHT_DTYPES
 from runtime.cooccurrence_file import MATRIX_NAMES, META_NAME, load_cooccurrence
 from runtime.errors import CooccurrenceFileError
+from runtime.fingerprint import check_same_tokenizer
 from runtime.manifest import (
     FORMAT_NAME,
     MANIFEST_NAME,
@@ -100,6 +102,7 @@ class _Plan:
     eval_tokens: Path | None
     eval_windows: int
     eval_seq_len: int
+    tokenizer_fingerprint: str | None = None  # the checkpoint's (runtime/fingerprint.py); None: unknown
 
 
 def default_out(model_path: str | os.PathLike, dtype: str) -> Path:
@@ -177,7 +180,7 @@ def _build(plan: _Plan, staging: Path, step, result: ExportResult) -> None:
     work.mkdir()
     with step("load"):
         if plan.cooccurrence is not None:
-            _copy_cooccurrence(plan.cooccurrence, built / COOCCURRENCE_DIR, plan.config.vocab_size)
+            _copy_cooccurrence(plan, built / COOCCURRENCE_DIR)
         model = _load_model(plan)
     config = model.config
     with step("export"):
@@ -267,8 +270,14 @@ def _plan(
         )
     heads = getattr(config, "num_token_heads", 1)  # a GPT-NeoX checkpoint exports as one head
     eval_seq_len = min(DEFAULT_SEQ_LEN, config.max_position_embeddings)
+    fingerprint = checkpoint_fingerprint(model_path)
     if eval_tokens is not None:
         check_eval_tokens(eval_tokens, config.vocab_size, heads, eval_seq_len)
+        fix = f"tokenize the held-out text with {model_path / TOKENIZER_FILE} (dynamo-data tokenize)"
+        eval_fingerprint = read_token_meta(eval_tokens).tokenizer_fingerprint
+        check_same_tokenizer(
+            fingerprint, f"model {model_path}", eval_fingerprint, f"--eval-tokens {eval_tokens}", fix
+        )
     return _Plan(
         model_path=model_path,
         kind=kind,
@@ -285,6 +294,7 @@ def _plan(
         eval_tokens=Path(eval_tokens) if eval_tokens is not None else None,
         eval_windows=eval_windows or DEFAULT_WINDOWS,
         eval_seq_len=eval_seq_len,
+        tokenizer_fingerprint=fingerprint,
     )
 
 
@@ -347,8 +357,12 @@ def _load_model(plan: _Plan) -> DynaMoForCausalLM:
     return DynaMoForCausalLM.from_gpt_neox(plan.model_path, num_token_heads=1).eval()
 
 
-def _copy_cooccurrence(source: Path, target: Path, vocab_size: int) -> None:
-    """Copy the format's files (and nothing else), then validate the copy that will ship."""
+def _copy_cooccurrence(plan: _Plan, target: Path) -> None:
+    """Copy the format's files (and nothing else), then validate the copy that will ship.
+
+    Masks counted from another tokenizer's ids pass the vocabulary-size check when the sizes
+    agree, so their recorded tokenizer fingerprint must match the model's as well."""
+    source, vocab_size = plan.cooccurrence, plan.config.vocab_size
     target.mkdir(mode=0o755)
     try:
         meta_file = source / META_NAME
@@ -358,7 +372,15 @@ def _copy_cooccurrence(source: Path, target: Path, vocab_size: int) -> None:
         for name in MATRIX_NAMES.values():
             if (source / name).is_file():
                 shutil.copyfile(source / name, target / name)
-        load_cooccurrence(target, expected_vocab_size=vocab_size)
+        meta, _ = load_cooccurrence(target, expected_vocab_size=vocab_size)
+        check_same_tokenizer(
+            plan.tokenizer_fingerprint,
+            f"model {plan.model_path}",
+            meta.tokenizer_fingerprint,
+            f"--cooccurrence {source}",
+            "count the masks with dynamo-cooccur from token files made with the model's own tokenizer "
+            f"({plan.model_path / TOKENIZER_FILE})",
+        )
     except CooccurrenceFileError as exc:
         raise ExportError(f"--cooccurrence {source} cannot ship with this model: {exc}") from exc
 
@@ -416,6 +438,7 @@ def _write_manifest(
         producer=_producer(fused, plan.int4),
         verification=_verification(result),
         files=inventory(built),
+        tokenizer_fingerprint=plan.tokenizer_fingerprint,
     )
     (built / MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
     # Read it back the way the runtime will: the strict schema and every file's size and hash.

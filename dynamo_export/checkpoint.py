@@ -24,6 +24,8 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedModel
 from dynamo_export.config import HEAD_INITS, DynaMoConfig
 from dynamo_export.errors import CheckpointError
 from runtime.atomic import atomic_directory
+from runtime.errors import DynaMoRuntimeError
+from runtime.fingerprint import check_same_tokenizer, is_fingerprint, tokenizer_fingerprint
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -57,6 +59,25 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
         f"{path}/config.json has model_type={model_type!r}; only GPT-NeoX (Pythia) checkpoints "
         f"('gpt_neox') and DynaMo checkpoints ('{DynaMoConfig.model_type}') are supported"
     )
+
+
+def checkpoint_fingerprint(path: str | os.PathLike) -> str | None:
+    """The tokenizer fingerprint of a checkpoint directory (runtime/fingerprint.py), None if unknown.
+
+    Its tokenizer.json decides when it carries one (that file is what dynamo-export ships);
+    otherwise config.json's `tokenizer_fingerprint`, which dynamo-train records from the
+    token files it trained on, so a base trained without --tokenizer still has one.
+    """
+    path = Path(path)
+    if (path / TOKENIZER_FILES[0]).is_file():
+        try:
+            return tokenizer_fingerprint(path / TOKENIZER_FILES[0])
+        except DynaMoRuntimeError as exc:
+            raise CheckpointError(f"{path}: {exc}") from exc
+    recorded = _read_config_dict(path).get("tokenizer_fingerprint")
+    if recorded is not None and not is_fingerprint(recorded):
+        raise CheckpointError(f"{path}/{CONFIG_NAME}: tokenizer_fingerprint must be 64 hex digits")
+    return recorded
 
 
 def dynamo_config_from_gpt_neox(base: GPTNeoXConfig, num_token_heads: int, head_init: str) -> DynaMoConfig:
@@ -136,7 +157,30 @@ def convert_gpt_neox(
     model.load_state_dict({**{k: expected[k] for k in new_head_keys}, **converted}, strict=True)
     tokenizer_dir = Path(path_or_model) if isinstance(path_or_model, (str, os.PathLike)) else None
     model.tokenizer_dir = tokenizer_dir
+    if tokenizer_dir is not None:
+        attach_fingerprint(model, checkpoint_fingerprint(tokenizer_dir))
     return model
+
+
+def attach_fingerprint(model: PreTrainedModel, fingerprint: str | None) -> None:
+    """Record a known tokenizer fingerprint in the model's config, so config.json carries it on save."""
+    if fingerprint is not None:
+        model.config.tokenizer_fingerprint = fingerprint
+
+
+def adopt_tokenizer(
+    model: PreTrainedModel, tokenizer_dir: str | os.PathLike, model_source: str | None
+) -> None:
+    """Give `model` the tokenizer in `tokenizer_dir` (dynamo-train --tokenizer), refusing another one than its own."""
+    given = checkpoint_fingerprint(tokenizer_dir)
+    check_same_tokenizer(
+        getattr(model.config, "tokenizer_fingerprint", None),
+        f"model {model_source}",
+        given,
+        f"--tokenizer {tokenizer_dir}",
+        "pass the tokenizer the model was trained with, or drop --tokenizer to keep the model's own",
+    )
+    attach_fingerprint(model, given)
 
 
 def _is_extra_head_key(key: str) -> bool:
@@ -196,6 +240,7 @@ def load_dynamo(
     if dtype is not None:
         model = model.to(dtype)
     model.tokenizer_dir = path
+    attach_fingerprint(model, checkpoint_fingerprint(path))
     return model.eval()
 
 

@@ -57,6 +57,7 @@ from dynamo_export.errors import CooccurrenceError
 from dynamo_export.tokens import open_tokens, read_token_meta
 from runtime.cooccurrence_file import SUPPORTED_ORDERS, CooccurrenceMeta, save_cooccurrence
 from runtime.errors import CooccurrenceFileError
+from runtime.fingerprint import check_same_tokenizer, tokenizer_fingerprint
 
 DEFAULT_SHARD_TOKENS = 1 << 22
 DEFAULT_REDUCE_KEYS = 1 << 23
@@ -92,9 +93,16 @@ def build_cooccurrence(
     force: bool = False,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     progress: bool = True,
+    tokenizer: str | os.PathLike | None = None,
 ) -> CooccurrenceMeta:
-    """Count `tokens_path` and write its co-occurrence directory `out_dir` (the dynamo-cooccur job)."""
+    """Count `tokens_path` and write its co-occurrence directory `out_dir` (the dynamo-cooccur job).
+
+    The masks record the token file's tokenizer fingerprint, so dynamo-export and the runtime can
+    refuse them beside another tokenizer's model; `tokenizer` (optional) must be the one the token
+    file was made with, and supplies the fingerprint when the file predates fingerprints.
+    """
     out = Path(out_dir)
+    fingerprint = _masks_fingerprint(tokens_path, tokenizer)
     if tuple(sorted(orders)) not in SUPPORTED_ORDERS:
         raise CooccurrenceError(
             f"orders must be one of {[list(o) for o in SUPPORTED_ORDERS]}, got {list(orders)}: triples "
@@ -123,7 +131,25 @@ def build_cooccurrence(
         eot_id=counts.eot_id,
         weights={n: (counts.ngrams[n].keys, ngram_weights(counts, n)) for n in counts.ngrams},
         force=force,
+        tokenizer_fingerprint=fingerprint,
     )
+
+
+def _masks_fingerprint(tokens_path: str | os.PathLike, tokenizer: str | os.PathLike | None) -> str | None:
+    """The fingerprint the masks record: the token file's, checked against `tokenizer` when given."""
+    recorded = read_token_meta(tokens_path).tokenizer_fingerprint
+    if tokenizer is None:
+        return recorded
+    given = tokenizer_fingerprint(tokenizer)
+    check_same_tokenizer(
+        recorded,
+        f"token file {tokens_path}",
+        given,
+        f"--tokenizer {tokenizer}",
+        f"re-tokenize the text with dynamo-data tokenize --tokenizer {tokenizer}, or pass the tokenizer "
+        "the token file was made with",
+    )
+    return given
 
 
 def ngram_weights(counts: NgramCounts, order: int) -> np.ndarray:

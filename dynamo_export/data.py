@@ -1,4 +1,4 @@
-"""Text -> tokens: train a byte-level BPE tokenizer and write token files.
+"""Text -> tokens: train a byte-level BPE tokenizer, split a corpus into train/val, write token files.
 
 The tokenizer is GPT-2's recipe with the `tokenizers` library: a ByteLevel
 pre-tokenizer and decoder over all 256 byte symbols, so any Unicode text
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -22,8 +23,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 
 from dynamo_export.errors import DataError
-from dynamo_export.tokens import TokenFileMeta, dtype_for_vocab, write_token_file
-from runtime.atomic import atomic_write_text
+from dynamo_export.tokens import TokenFileMeta, dtype_for_vocab, open_tokens, write_token_file
+from runtime.atomic import atomic_directory, atomic_write_text
+from runtime.errors import DynaMoRuntimeError
+from runtime.fingerprint import tokenizer_fingerprint
 
 EOT_TOKEN = "<|endoftext|>"
 _NUM_BYTE_SYMBOLS = 256
@@ -186,7 +189,12 @@ def tokenize_files(
                 pieces.append(np.asarray(encoding.ids, dtype=dtype))
     if not pieces:
         raise DataError(f"the inputs hold no text to tokenize: {', '.join(map(str, files))}")
-    return write_token_file(out, np.concatenate(pieces), vocab_size=vocab_size, eot_id=eot_id)
+    try:
+        fingerprint = tokenizer_fingerprint(tokenizer_path)
+    except DynaMoRuntimeError as exc:
+        raise DataError(str(exc)) from exc
+    ids = np.concatenate(pieces)
+    return write_token_file(out, ids, vocab_size=vocab_size, eot_id=eot_id, tokenizer_fingerprint=fingerprint)
 
 
 def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
@@ -201,3 +209,64 @@ def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
             batch, chars = [], 0
     if batch:
         yield batch
+
+
+def split_corpus(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    force: bool = False,
+) -> dict[str, int]:
+    """Split a directory of text files, or a token file, into train and validation parts under `out`.
+
+    A directory's files are the units (written to OUT/train/ and OUT/val/ under their
+    relative paths); a token file's documents are (OUT/train.bin/.json, OUT/val.bin/.json,
+    keeping the tokenizer fingerprint). Which units go to val is a permutation drawn
+    from `seed` over the units in sorted order, so the same input and seed always give
+    the same split; each part keeps its units' original order. `out` appears whole or
+    not at all (runtime/atomic.py). Returns the number of units in each part.
+    """
+    source, out = Path(source), Path(out)
+    if not 0 < val_fraction < 1:
+        raise DataError(f"--val-fraction must lie in (0, 1), got {val_fraction}")
+    if out.exists() and not force:
+        raise DataError(f"{out} already exists: choose another --out or pass --force to replace it")
+    with atomic_directory(out, overwrite=force) as staging:
+        if source.is_dir():
+            return _split_files(source, staging, val_fraction, seed)
+        return _split_documents(source, staging, val_fraction, seed)
+
+
+def _val_units(count: int, val_fraction: float, seed: int, what: str, source: Path) -> np.ndarray:
+    """A boolean mask over `count` units: True for the validation part (at least one unit in each part)."""
+    if count < 2:
+        raise DataError(f"{source} holds {count} {what}; a train/val split needs at least 2")
+    k = min(count - 1, max(1, round(val_fraction * count)))
+    chosen = np.random.default_rng(seed).permutation(count)[:k]
+    mask = np.zeros(count, dtype=bool)
+    mask[chosen] = True
+    return mask
+
+
+def _split_files(source: Path, staging: Path, val_fraction: float, seed: int) -> dict[str, int]:
+    files = expand_inputs([source])
+    in_val = _val_units(len(files), val_fraction, seed, "files", source)
+    for path, is_val in zip(files, in_val, strict=True):
+        target = staging / ("val" if is_val else "train") / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    return {"train": int((~in_val).sum()), "val": int(in_val.sum())}
+
+
+def _split_documents(source: Path, staging: Path, val_fraction: float, seed: int) -> dict[str, int]:
+    ids, meta = open_tokens(source)
+    is_eot = np.asarray(ids) == meta.eot_id  # (N,)
+    doc_of = np.cumsum(is_eot) - is_eot  # each token's document; an eot belongs to the one it ends
+    in_val = _val_units(int(doc_of[-1]) + 1 if len(ids) else 0, val_fraction, seed, "documents", source)
+    for name, keep in (("train", ~in_val[doc_of]), ("val", in_val[doc_of])):
+        part = np.asarray(ids)[keep]
+        if len(part) and part[-1] == meta.eot_id:  # the part's last document ended with a separator
+            part = part[:-1]
+        write_token_file(staging / name, part, meta.vocab_size, meta.eot_id, meta.tokenizer_fingerprint)
+    return {"train": int((~in_val).sum()), "val": int(in_val.sum())}

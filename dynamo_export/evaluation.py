@@ -33,6 +33,7 @@ from dynamo_export.errors import TokenFileError
 from dynamo_export.losses import head_log_likelihoods, joint_log_likelihood
 from dynamo_export.modeling import DynaMoForCausalLM
 from dynamo_export.tokens import TokenFileMeta
+from runtime.fingerprint import check_same_tokenizer
 
 
 @dataclass
@@ -69,12 +70,28 @@ class EvalResult:
         return {**asdict(self), "ppl": self.metrics()}
 
 
-def check_vocab(meta: TokenFileMeta, config: DynaMoConfig, token_path: str | os.PathLike) -> None:
-    """A token file fits a model when every id it may hold has an embedding row.
+def check_vocab(
+    meta: TokenFileMeta,
+    config: DynaMoConfig,
+    token_path: str | os.PathLike,
+    model_source: str | os.PathLike | None = None,
+) -> None:
+    """A token file fits a model when every id it may hold has an embedding row, from the same tokenizer.
 
     Pythia pads its embedding beyond the tokenizer (50304 rows for 50277 ids),
-    so the check is <=, not ==.
+    so the size check is <=, not ==. The sizes cannot tell two tokenizers of one
+    vocabulary size apart, so the fingerprints are compared as well: the model's is
+    its config's `tokenizer_fingerprint` (what training or `checkpoint_fingerprint`
+    recorded), unknown for checkpoints from before fingerprints.
     """
+    check_same_tokenizer(
+        getattr(config, "tokenizer_fingerprint", None),
+        f"model {model_source or 'checkpoint'}",
+        meta.tokenizer_fingerprint,
+        f"token file {token_path}",
+        "tokenize the text with the model's own tokenizer (dynamo-data tokenize --tokenizer "
+        f"{os.path.join(model_source, 'tokenizer.json') if model_source else 'MODEL/tokenizer.json'})",
+    )
     if meta.vocab_size > config.vocab_size:
         raise TokenFileError(
             f"{token_path} was tokenized with a vocabulary of {meta.vocab_size} ids but the model has only "

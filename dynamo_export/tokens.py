@@ -2,7 +2,9 @@
 
 `NAME.bin` holds token ids as raw little-endian uint16 (vocab <= 65,536) or
 uint32; documents are separated by the end-of-text id. `NAME.json` beside it
-holds `dtype`, `vocab_size`, `num_tokens` and `eot_id`. Readers memory-map the
+holds `dtype`, `vocab_size`, `num_tokens`, `eot_id` and, when the tokenizer is
+known, `tokenizer_fingerprint` (runtime/fingerprint.py; files from before it have
+none and count as "unknown"). Readers memory-map the
 ids so that corpora far larger than RAM stream through counting and training.
 """
 
@@ -17,6 +19,7 @@ import numpy as np
 
 from dynamo_export.errors import TokenFileError
 from runtime.atomic import atomic_write_bytes, atomic_write_json
+from runtime.fingerprint import is_fingerprint
 
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 
@@ -27,6 +30,7 @@ class TokenFileMeta:
     vocab_size: int
     num_tokens: int
     eot_id: int
+    tokenizer_fingerprint: str | None = None
 
 
 def dtype_for_vocab(vocab_size: int) -> str:
@@ -41,7 +45,13 @@ def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return base.with_suffix(".bin"), base.with_suffix(".json")
 
 
-def write_token_file(path: str | os.PathLike, ids: np.ndarray, vocab_size: int, eot_id: int) -> TokenFileMeta:
+def write_token_file(
+    path: str | os.PathLike,
+    ids: np.ndarray,
+    vocab_size: int,
+    eot_id: int,
+    tokenizer_fingerprint: str | None = None,
+) -> TokenFileMeta:
     """Write `ids` atomically (temp file + rename) as `path.bin` + `path.json`."""
     bin_path, json_path = _paths(path)
     ids = np.asarray(ids)
@@ -51,12 +61,19 @@ def write_token_file(path: str | os.PathLike, ids: np.ndarray, vocab_size: int, 
         raise TokenFileError(f"token ids must lie in [0, {vocab_size}); got range [{ids.min()}, {ids.max()}]")
     if not 0 <= eot_id < vocab_size:
         raise TokenFileError(f"eot_id {eot_id} is outside the vocabulary of size {vocab_size}")
+    if tokenizer_fingerprint is not None and not is_fingerprint(tokenizer_fingerprint):
+        raise TokenFileError(f"tokenizer_fingerprint must be 64 hex digits, got {tokenizer_fingerprint!r}")
     dtype = dtype_for_vocab(vocab_size)
     meta = TokenFileMeta(
-        dtype=dtype, vocab_size=int(vocab_size), num_tokens=int(ids.size), eot_id=int(eot_id)
+        dtype=dtype,
+        vocab_size=int(vocab_size),
+        num_tokens=int(ids.size),
+        eot_id=int(eot_id),
+        tokenizer_fingerprint=tokenizer_fingerprint,
     )
+    header = {k: v for k, v in asdict(meta).items() if v is not None}
     atomic_write_bytes(bin_path, ids.astype(_DTYPES[dtype]).tobytes())
-    atomic_write_json(json_path, asdict(meta))
+    atomic_write_json(json_path, header)
     return meta
 
 
@@ -73,11 +90,16 @@ def read_token_meta(path: str | os.PathLike) -> TokenFileMeta:
             vocab_size=int(raw["vocab_size"]),
             num_tokens=int(raw["num_tokens"]),
             eot_id=int(raw["eot_id"]),
+            tokenizer_fingerprint=raw.get("tokenizer_fingerprint"),
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise TokenFileError(f"{json_path} is not a valid token-file header: {exc}") from exc
     if meta.dtype not in _DTYPES:
         raise TokenFileError(f"{json_path}: dtype must be one of {sorted(_DTYPES)}, got {meta.dtype!r}")
+    if meta.tokenizer_fingerprint is not None and not is_fingerprint(meta.tokenizer_fingerprint):
+        raise TokenFileError(
+            f"{json_path}: tokenizer_fingerprint must be 64 hex digits; re-tokenize with dynamo-data tokenize"
+        )
     if not bin_path.is_file():
         raise TokenFileError(f"{bin_path} not found next to {json_path}")
     expected = meta.num_tokens * _DTYPES[meta.dtype].itemsize

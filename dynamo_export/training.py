@@ -47,12 +47,20 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from dynamo_export.checkpoint import TOKENIZER_FILES, WEIGHTS_NAME, checkpoint_kind, gpt_neox_key_map
+from dynamo_export.checkpoint import (
+    TOKENIZER_FILES,
+    WEIGHTS_NAME,
+    adopt_tokenizer,
+    attach_fingerprint,
+    checkpoint_kind,
+    gpt_neox_key_map,
+)
 from dynamo_export.distill import backward_losses
 from dynamo_export.errors import CheckpointError, TrainingError
 from dynamo_export.evaluation import check_vocab, evaluate
 from dynamo_export.modeling import DynaMoForCausalLM
 from dynamo_export.tokens import open_tokens
+from dynamo_export.train_report import TrainReport, validation_line
 from dynamo_export.train_state import (
     check_resumable,
     checkpoint_steps,
@@ -346,8 +354,12 @@ def train(
     train_ids, train_meta = open_tokens(cfg.train)
     val_ids, val_meta = open_tokens(cfg.val)
     model, resume_from = _starting_model(cfg, out, resume, train_meta)
+    if cfg.tokenizer is not None:
+        adopt_tokenizer(model, model.tokenizer_dir, cfg.model)
     for path, file_meta in ((cfg.train, train_meta), (cfg.val, val_meta)):
-        check_vocab(file_meta, model.config, path)
+        check_vocab(file_meta, model.config, path, model_source=cfg.model or cfg.tokenizer)
+        if getattr(model.config, "tokenizer_fingerprint", None) is None:  # a fresh base: its tokens decide
+            attach_fingerprint(model, file_meta.tokenizer_fingerprint)
     if cfg.seq_len > model.config.max_position_embeddings:
         raise TrainingError(
             f"--seq-len {cfg.seq_len} exceeds the model's context of {model.config.max_position_embeddings}"
@@ -371,10 +383,13 @@ def train(
         raise TrainingError(f"--stop-at must lie in ({start}, {cfg.steps}] for this run, got {stop_at}")
     log = TrainLog(out / LOG_NAME, keep_through_step=start if resume else -1)
     if start == 0:
-        log.write({"step": 0, "val_loss": _validate(model, val_ids, cfg)})
+        initial = _validate(model, val_ids, cfg)
+        log.write({"step": 0, "val_loss": initial})
+        tqdm.write(validation_line(0, initial))
 
     end = cfg.steps if stop_at is None else stop_at
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress)
+    report = TrainReport(bar, start, end, cfg.eval_every)
     for step in range(start, end):
         began = time.perf_counter()
         lrs = {g["lr_name"]: g["lr"] for g in optimizer.param_groups}
@@ -389,11 +404,12 @@ def train(
         if done % cfg.eval_every == 0 or done == cfg.steps:
             record["val_loss"] = _validate(model, val_ids, cfg)
         log.write(record)
-        bar.set_postfix(_postfix(per_head, kl, record["tokens_per_s"]))
+        report.step(record)
         bar.update()
         if done < cfg.steps and (done % cfg.save_every == 0 or done == stop_at):
             save_checkpoint(out / "checkpoints" / f"step-{done}", model, optimizer, scheduler, cfg, done)
     bar.close()
+    report.finish(out / LOG_NAME, out)
     if end < cfg.steps:
         return out / "checkpoints" / f"step-{end}"
     return _save_final(out, model, cfg)
@@ -441,15 +457,6 @@ def train_step(model, optimizer, sampler: WindowSampler, step: int, cfg: TrainCo
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip))
     optimizer.step()
     return per_head.tolist(), kl.tolist(), grad_norm
-
-
-def _postfix(per_head: list[float], kl: list[float], tokens_per_s: float) -> dict[str, str]:
-    """Progress-bar fields: every head's CE, and heads 2..n's KL when distilling."""
-    fields_ = {"ce": "/".join(f"{v:.3f}" for v in per_head)}
-    if kl:
-        fields_["kl"] = "/".join(f"{v:.3f}" for v in kl)
-    fields_["tok_s"] = f"{tokens_per_s:.0f}"
-    return fields_
 
 
 def _save_final(out: Path, model: DynaMoForCausalLM, cfg: TrainConfig) -> Path:

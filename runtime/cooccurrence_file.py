@@ -9,7 +9,8 @@ Format (FORMAT_VERSION 1): a directory holding
 
 - `cooccurrence.json` — format name and version, vocab_size, orders ([2] or [2, 3]),
   num_tokens, ngram_positions (the denominators of p^ per order), min_count, eot_id,
-  value_dtype, index_dtype and nnz per order.
+  value_dtype, index_dtype and nnz per order; `tokenizer_fingerprint` when the token file
+  had one (runtime/fingerprint.py; optional, so older directories still load).
 - `pairs.npz` — a scipy.sparse CSR array of shape (V, V): entry (a, b) = W(a, b).
 - `triples.npz` — a CSR array of shape (P, V), P = nnz of pairs.npz: row r belongs to
   the r-th stored entry (a, b) of pairs.npz in CSR order (a ascending, then b
@@ -53,6 +54,7 @@ import scipy.sparse
 
 from runtime.atomic import atomic_directory
 from runtime.errors import CooccurrenceFileError
+from runtime.fingerprint import is_fingerprint
 
 FORMAT_NAME = "dynamo-cooccurrence"
 FORMAT_VERSION = 1
@@ -88,8 +90,12 @@ class CooccurrenceMeta:
     value_dtype: str = "float32"
     index_dtype: str = "int32"
     format_version: int = FORMAT_VERSION
+    tokenizer_fingerprint: str | None = None
 
     def to_json(self) -> dict:
+        fingerprint = {"tokenizer_fingerprint": self.tokenizer_fingerprint}
+        if self.tokenizer_fingerprint is None:
+            fingerprint = {}
         return {
             "format": FORMAT_NAME,
             "format_version": self.format_version,
@@ -102,6 +108,7 @@ class CooccurrenceMeta:
             "value_dtype": self.value_dtype,
             "index_dtype": self.index_dtype,
             "nnz": {str(n): v for n, v in self.nnz.items()},
+            **fingerprint,
         }
 
 
@@ -129,6 +136,7 @@ def save_cooccurrence(
     eot_id: int,
     weights: Mapping[int, tuple[np.ndarray, np.ndarray]],
     force: bool = False,
+    tokenizer_fingerprint: str | None = None,
 ) -> CooccurrenceMeta:
     """Write a co-occurrence directory atomically (runtime/atomic.py).
 
@@ -156,6 +164,7 @@ def save_cooccurrence(
         min_count=int(min_count),
         eot_id=int(eot_id),
         nnz={n: int(m.nnz) for n, m in matrices.items()},
+        tokenizer_fingerprint=tokenizer_fingerprint,
     )
     with atomic_directory(out, overwrite=force) as staging:
         for n, matrix in matrices.items():
@@ -329,7 +338,10 @@ def _read_meta(root: Path) -> CooccurrenceMeta:
         min_count=field("min_count", 1, _INT64_MAX),
         eot_id=field("eot_id", 0, vocab_size - 1),
         nnz=nnz,
+        tokenizer_fingerprint=raw.get("tokenizer_fingerprint"),
     )
+    if meta.tokenizer_fingerprint is not None and not is_fingerprint(meta.tokenizer_fingerprint):
+        raise CooccurrenceFileError(f"{path}: tokenizer_fingerprint must be 64 hex digits; {_REBUILD}")
     return meta
 
 

@@ -26,6 +26,7 @@ from runtime.bounds import call_memory, check_call_memory
 from runtime.config import SamplingConfig
 from runtime.cooccurrence import CooccurrenceMask
 from runtime.errors import ArtifactError, GenerationTimeout, InputError
+from runtime.fingerprint import check_artifact_masks
 from runtime.generation import Decoder, GenerationStats
 from runtime.graph_checks import check_graph
 from runtime.manifest import Manifest, read_manifest, verify_files
@@ -88,6 +89,7 @@ class DynaMoRuntime:
             masks = CooccurrenceMask.load(
                 root / manifest.cooccurrence, expected_vocab_size=vocab, max_bytes=max_memory_bytes
             )
+            check_artifact_masks(root, manifest.tokenizer_fingerprint, manifest.cooccurrence, masks.meta)
         check_graph(root, manifest)  # before ONNX Runtime reads a byte of it
         session = GraphSession(str(root / manifest.graph.file), manifest, provider=provider, threads=threads)
         return cls(root, manifest, session, tokenizer, masks, max_memory_bytes)

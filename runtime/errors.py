@@ -47,3 +47,7 @@ class InferenceError(DynaMoRuntimeError):
 
 class GenerationTimeout(DynaMoRuntimeError):
     """A generate() call ran past its time limit; the forward pass in flight was terminated."""
+
+
+class TokenizerMismatchError(DynaMoRuntimeError):
+    """Two inputs of one command were made with different tokenizers (runtime/fingerprint.py)."""

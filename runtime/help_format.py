@@ -13,7 +13,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         text = action.help or ""
         if (
             "default" in text
-            or action.default in (None, False, argparse.SUPPRESS)
+            or any(action.default is none for none in (None, False, argparse.SUPPRESS))  # 0 is a default
             or not action.option_strings
         ):
             return text

@@ -32,6 +32,7 @@ from runtime.contract import (
     cache_names,
 )
 from runtime.errors import ArtifactError, ArtifactFileError, ManifestError
+from runtime.fingerprint import is_fingerprint
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "dynamo-export-artifact"
@@ -90,9 +91,14 @@ class Manifest:
     producer: dict[str, str]
     verification: dict[str, Any]
     files: dict[str, FileEntry] = field(default_factory=dict)
+    # runtime/fingerprint.py; optional: artifacts exported before it have none (unknown, accepted)
+    tokenizer_fingerprint: str | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        raw = asdict(self)
+        if raw["tokenizer_fingerprint"] is None:  # an older manifest writes back byte for byte
+            del raw["tokenizer_fingerprint"]
+        return json.dumps(raw, indent=2, sort_keys=True) + "\n"
 
     def cache_names(self, kind: str) -> list[str]:
         """Names of the cache tensors in layer order; kind in past_key/past_value/present_key/present_value."""
@@ -207,6 +213,8 @@ def _check_consistency(m: Manifest) -> None:
             raise ManifestError(f"{path} is referenced by the manifest but has no entry in 'files'")
     if m.cooccurrence is not None:
         check_relative_path(m.cooccurrence)
+    if m.tokenizer_fingerprint is not None and not is_fingerprint(m.tokenizer_fingerprint):
+        raise ManifestError("tokenizer_fingerprint must be 64 lowercase hex digits")
     for path, entry in m.files.items():
         check_relative_path(path)
         if (

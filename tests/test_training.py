@@ -256,7 +256,10 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(token_files, tm
 def test_fresh_base_exports_a_transformers_gpt_neox(token_files, tmp_path):
     tok_dir = tmp_path / "tok"
     tok_dir.mkdir()
-    (tok_dir / "tokenizer.json").write_text("{}")
+    tokenizer = {
+        "model": {"type": "WordLevel", "vocab": {f"t{i}": i for i in range(VOCAB)}, "unk_token": "t0"}
+    }
+    (tok_dir / "tokenizer.json").write_text(json.dumps(tokenizer))  # fingerprinted, so it must be one
     cfg = tiny_config(token_files, tmp_path / "run", num_token_heads=None, steps=3, tokenizer=str(tok_dir))
     final = train(cfg, progress=False)
     dynamo = DynaMoForCausalLM.from_pretrained(final)

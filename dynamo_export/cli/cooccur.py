@@ -11,6 +11,7 @@ import argparse
 from dynamo_export.cooccurrence import DEFAULT_SHARD_TOKENS, build_cooccurrence
 from dynamo_export.errors import DynaMoError
 from runtime.errors import DynaMoRuntimeError
+from runtime.help_format import HelpFormatter
 
 
 def _orders(text: str) -> tuple[int, ...]:
@@ -23,7 +24,9 @@ def _orders(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dynamo-cooccur", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="dynamo-cooccur", description=__doc__, formatter_class=HelpFormatter
+    )
     parser.add_argument(
         "--tokens", required=True, help="token file NAME (NAME.bin + NAME.json, from dynamo-data)"
     )
@@ -37,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: one per CPU)")
     parser.add_argument(
         "--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per map task (~50 bytes each)"
+    )
+    parser.add_argument(
+        "--tokenizer",
+        help="tokenizer.json the token file was made with: refused if it is another one; recorded in the "
+        "masks when the token file predates tokenizer fingerprints",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing co-occurrence directory")
     return parser
@@ -54,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
             workers=args.workers,
             force=args.force,
             shard_tokens=args.shard_tokens,
+            tokenizer=args.tokenizer,
         )
     except (DynaMoError, DynaMoRuntimeError) as exc:
         parser.exit(2, f"dynamo-cooccur: error: {exc}\n")

@@ -25,16 +25,15 @@ from dynamo_export.evaluation import check_vocab, evaluate, format_table, load_e
 from dynamo_export.tokens import open_tokens
 from runtime.atomic import atomic_write_json
 from runtime.errors import DynaMoRuntimeError
+from runtime.help_format import HelpFormatter
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dynamo-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog="dynamo-eval", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="DynaMo or GPT-NeoX checkpoint directory")
     p.add_argument("--tokens", required=True, help="held-out token file (NAME.bin + NAME.json)")
     p.add_argument("--seq-len", type=int, help="window length (default: the model's context, at most 2048)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="windows scored per forward pass")
     p.add_argument("--max-batches", type=int, help="score only the first N batches of windows")
     acc = p.add_argument_group("expected acceptance of verify-mode drafts (heads 2..n)")
     acc.add_argument(
@@ -51,14 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--top-k", type=int, default=RUNTIME_TOP_K, help="(the runtime's default)")
     p.add_argument("--json", help="write the results here (atomically)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def run(args) -> dict:
     model = load_eval_model(args.model)
     ids, meta = open_tokens(args.tokens)
-    check_vocab(meta, model.config, args.tokens)
+    check_vocab(meta, model.config, args.tokens, model_source=args.model)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seq_len = args.seq_len or min(model.config.max_position_embeddings, 2048)
     if seq_len > model.config.max_position_embeddings:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from dynamo_export.errors import DynaMoError
 from dynamo_export.training import TrainConfig, train
+from runtime.errors import DynaMoRuntimeError
+from runtime.help_format import HelpFormatter
 
 # Size flags -> GPTNeoXConfig fields, for a fresh base without an --init-config file.
 SIZE_FLAGS = {
@@ -30,43 +32,67 @@ SIZE_FLAGS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="dynamo-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog="dynamo-train", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--train", required=True, help="training token file (NAME.bin + NAME.json)")
     p.add_argument("--val", required=True, help="held-out token file for validation")
     p.add_argument(
-        "--out", required=True, help="output directory: final/, checkpoints/step-N/, train_log.jsonl"
+        "--out",
+        required=True,
+        help="output directory: final/ (+ final-gpt-neox/ for n = 1), checkpoints/step-N/, train_log.jsonl, "
+        "loss.png",
     )
     src = p.add_argument_group("starting model (one of)")
     src.add_argument("--model", help="GPT-NeoX checkpoint (converted) or DynaMo checkpoint (loaded)")
     src.add_argument("--init-config", help="JSON of GPT-NeoX config fields for a fresh random base")
     sizes = p.add_argument_group("fresh base by flags (instead of --init-config)")
-    sizes.add_argument("--layers", type=int)
-    sizes.add_argument("--hidden", type=int)
+    sizes.add_argument("--layers", type=int, help="transformer layers of the fresh base")
+    sizes.add_argument("--hidden", type=int, help="hidden size (a multiple of --heads)")
     sizes.add_argument("--heads", type=int, help="attention heads")
-    sizes.add_argument("--vocab", type=int, help="default: the training file's vocab_size")
+    sizes.add_argument("--vocab", type=int, help="embedding rows (default: the training file's vocab_size)")
     sizes.add_argument("--context", type=int, help="max positions (default 2048)")
     sizes.add_argument("--intermediate", type=int, help="MLP width (default 4 x hidden)")
     sizes.add_argument("--rotary-pct", type=float, help="fraction of each head under rotary (default 0.25)")
     p.add_argument("--num-token-heads", type=int, help="n (default: 3 when converting, 1 for a fresh base)")
-    p.add_argument("--head-init", choices=["random", "copy"], default="random")
-    p.add_argument("--tokenizer", help="tokenizer.json (or its directory) to carry into the output")
+    p.add_argument(
+        "--head-init",
+        choices=["random", "copy"],
+        default="random",
+        help="new heads 2..n: random layers, or copies of head 1's last layer",
+    )
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer.json (or its directory) to carry into the output; must be the "
+        "tokenizer of --train/--val and of --model (checked by fingerprint)",
+    )
     d = TrainConfig("", "", "")
-    p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training window")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps of the whole run")
     p.add_argument("--lr-b", type=float, default=d.lr_b, help="base weights (stem + head 1)")
     p.add_argument("--lr-m", type=float, default=d.lr_m, help="new heads 2..n")
     p.add_argument("--lr-mb", type=float, default=d.lr_mb, help="gradient from heads 2..n into the stem")
-    p.add_argument("--warmup-frac", type=float, default=d.warmup_frac)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument(
+        "--warmup-frac",
+        type=float,
+        default=d.warmup_frac,
+        help="share of --steps with linear LR warm-up (then cosine to 0)",
+    )
+    p.add_argument(
+        "--weight-decay", type=float, default=d.weight_decay, help="AdamW decay of matrices and embeddings"
+    )
     p.add_argument("--clip", type=float, default=d.clip, help="max gradient norm (0: off)")
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--eval-batches", type=int, default=d.eval_batches)
-    p.add_argument("--save-every", type=int, default=d.save_every)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--eval-every", type=int, default=d.eval_every, help="steps between validations (printed per head)"
+    )
+    p.add_argument("--eval-batches", type=int, default=d.eval_batches, help="batches of --val per validation")
+    p.add_argument(
+        "--save-every",
+        type=int,
+        default=d.save_every,
+        help="steps between OUT/checkpoints/step-N (resumable)",
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds the model's init and the data order")
     p.add_argument(
         "--distill",
         type=float,
@@ -148,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         result = train(
             cfg, resume=args.resume, stop_at=args.stop_at, device=args.device, progress=not args.no_progress
         )
-    except DynaMoError as exc:
+    except (DynaMoError, DynaMoRuntimeError) as exc:  # a tokenizer mismatch is the runtime's error
         sys.exit(f"dynamo-train: error: {exc}")
     print(f"wrote {result}")
 
