@@ -67,11 +67,16 @@ class CooccurrenceMask:
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, expected_vocab_size: int | None = None, max_bytes: int | None = None
+        cls,
+        path: str | os.PathLike,
+        expected_vocab_size: int | None = None,
+        max_bytes: int | None = None,
+        contents: Mapping[str, bytes] | None = None,
     ) -> CooccurrenceMask:
         """Load and validate a co-occurrence directory; `expected_vocab_size` is the model's vocabulary,
-        `max_bytes` a cap on what the declared sizes may take once loaded."""
-        return cls(*load_cooccurrence(path, expected_vocab_size, max_bytes))
+        `max_bytes` a cap on what the declared sizes may take once loaded, `contents` its files'
+        bytes when the artifact loader read them already (then no file is opened)."""
+        return cls(*load_cooccurrence(path, expected_vocab_size, max_bytes, contents))
 
     def weights(self, ids: Sequence[np.ndarray]) -> np.ndarray:
         """W over the grid of candidates: 2 id arrays -> (k1, k2), 3 -> (k1, k2, k3), float32."""

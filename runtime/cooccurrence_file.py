@@ -41,6 +41,7 @@ The lookup over candidate grids that the decoding loop calls every step is runti
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import zipfile
@@ -248,16 +249,22 @@ def _triples_csr(
 
 
 def load_cooccurrence(
-    path: str | os.PathLike, expected_vocab_size: int | None = None, max_bytes: int | None = None
+    path: str | os.PathLike,
+    expected_vocab_size: int | None = None,
+    max_bytes: int | None = None,
+    contents: Mapping[str, bytes] | None = None,
 ) -> tuple[CooccurrenceMeta, dict[int, CsrArrays]]:
     """Read and validate a co-occurrence directory: (meta, {order: CSR arrays}).
 
     `max_bytes` caps what the header's declared sizes may make the load allocate (the arrays
     read plus the lookup's key arrays): a header declaring billions of entries is refused
-    before any array is read, instead of failing gigabytes later.
+    before any array is read, instead of failing gigabytes later. `contents` (file name ->
+    bytes) are the directory's files already read, and checked, by the artifact loader
+    (runtime/artifact_files.py): then no file is opened, and `path` only names them in messages.
     """
     root = Path(path)
-    meta = _read_meta(root)
+    files = contents or {}
+    meta = _read_meta(root, files.get(META_NAME), contents is not None)
     if expected_vocab_size is not None and expected_vocab_size != meta.vocab_size:
         raise CooccurrenceFileError(
             f"{root} was counted for a vocabulary of {meta.vocab_size} tokens but the model has "
@@ -270,9 +277,11 @@ def load_cooccurrence(
             f"max_memory_bytes={max_bytes:,}: count the masks with a higher --min-count, or raise the limit"
         )
     try:
-        matrices = {2: _read_csr(root / MATRIX_NAMES[2], (V, V), meta.nnz[2])}
-        if 3 in meta.orders:
-            matrices[3] = _read_csr(root / MATRIX_NAMES[3], (meta.nnz[2], V), meta.nnz[3])
+        matrices = {
+            n: _read_csr(root / name, shape, meta.nnz[n], files.get(name), contents is not None)
+            for n, name, shape in ((2, MATRIX_NAMES[2], (V, V)), (3, MATRIX_NAMES[3], (meta.nnz[2], V)))
+            if n in meta.orders
+        }
     except MemoryError as exc:
         raise CooccurrenceFileError(
             f"{root}: not enough memory for its {sum(meta.nnz.values()):,} n-grams "
@@ -289,18 +298,29 @@ def loaded_bytes(meta: CooccurrenceMeta) -> int:
     return sum(meta.nnz.values()) * entry + 8 * (rows + len(meta.orders))
 
 
-def _read_meta(root: Path) -> CooccurrenceMeta:
+def _read_meta(root: Path, data: bytes | None = None, in_memory: bool = False) -> CooccurrenceMeta:
+    """The header, from `data` when the loader read it already (`in_memory`), else from the directory."""
     path = root / META_NAME
-    if not root.is_dir():
-        raise CooccurrenceFileError(
-            f"{root} is not a directory; make a co-occurrence directory with dynamo-cooccur"
-        )
-    if not path.is_file():
+    if in_memory and data is None:
         raise CooccurrenceFileError(f"{path} not found: {root} is not a co-occurrence directory ({_REBUILD})")
-    if path.stat().st_size > MAX_META_BYTES:
+    if not in_memory:
+        if not root.is_dir():
+            raise CooccurrenceFileError(
+                f"{root} is not a directory; make a co-occurrence directory with dynamo-cooccur"
+            )
+        if not path.is_file():
+            raise CooccurrenceFileError(
+                f"{path} not found: {root} is not a co-occurrence directory ({_REBUILD})"
+            )
+        if path.stat().st_size > MAX_META_BYTES:
+            raise CooccurrenceFileError(
+                f"{path} is larger than {MAX_META_BYTES} bytes; it is not a {META_NAME}"
+            )
+        data = path.read_bytes()
+    if len(data) > MAX_META_BYTES:
         raise CooccurrenceFileError(f"{path} is larger than {MAX_META_BYTES} bytes; it is not a {META_NAME}")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(data.decode("utf-8"))
     except (
         ValueError,
         RecursionError,
@@ -362,11 +382,15 @@ def _per_order(raw: dict, name: str, orders: tuple[int, ...], path: Path, cap) -
     return out
 
 
-def _read_csr(path: Path, shape: tuple[int, int], nnz: int) -> CsrArrays:
-    if not path.is_file():
+def _read_csr(
+    path: Path, shape: tuple[int, int], nnz: int, data: bytes | None = None, in_memory: bool = False
+) -> CsrArrays:
+    """One matrix file, from `data` when the loader read it already (`in_memory`), else from `path`."""
+    missing = data is None if in_memory else not path.is_file()
+    if missing:
         raise CooccurrenceFileError(f"{path} not found; the header lists it ({_REBUILD})")
     try:
-        with zipfile.ZipFile(path) as zf:
+        with zipfile.ZipFile(io.BytesIO(data) if in_memory else path) as zf:
             names = set(zf.namelist())
             if not _CSR_MEMBERS <= names <= _CSR_MEMBERS | _OPTIONAL_MEMBERS:
                 raise CooccurrenceFileError(

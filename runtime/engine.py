@@ -22,16 +22,17 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from runtime.artifact_files import read_artifact
 from runtime.bounds import call_memory, check_call_memory
 from runtime.config import SamplingConfig
 from runtime.cooccurrence import CooccurrenceMask
 from runtime.errors import ArtifactError, GenerationTimeout, InputError
 from runtime.fingerprint import check_artifact_masks
 from runtime.generation import Decoder, GenerationStats
-from runtime.graph_checks import check_graph
-from runtime.manifest import Manifest, read_manifest, verify_files
+from runtime.graph_checks import check_graph, external_locations
+from runtime.manifest import Manifest
 from runtime.session import Deadline, GraphSession
-from runtime.tokenizer_policy import call, load_tokenizer
+from runtime.tokenizer_policy import call, parse_tokenizer
 
 
 @dataclass(frozen=True)
@@ -70,13 +71,15 @@ class DynaMoRuntime:
     ) -> DynaMoRuntime:
         if max_memory_bytes is not None and (not _is_int(max_memory_bytes) or max_memory_bytes < 1):
             raise InputError(f"max_memory_bytes={max_memory_bytes!r} must be a positive integer or None")
-        root = Path(artifact_dir).resolve()
-        manifest = read_manifest(root)
-        verify_files(root, manifest, check_hashes=check_hashes)
+        # Every file read once, from one pinned directory; the checks below and ONNX Runtime, the
+        # tokenizer and the masks all get these same bytes (runtime/artifact_files.py).
+        artifact = read_artifact(artifact_dir, check_hashes=check_hashes)
+        root, manifest, files = artifact.root, artifact.manifest, artifact.files
         vocab = manifest.model.vocab_size
         tokenizer = None
         if manifest.tokenizer is not None:
-            tokenizer = load_tokenizer(root / manifest.tokenizer)  # the allow-list first (tokenizer_policy)
+            # the allow-list first (tokenizer_policy)
+            tokenizer = parse_tokenizer(files[manifest.tokenizer], manifest.tokenizer)
             # Ids need not be dense (get_vocab_size counts entries): the largest one must fit the graph.
             top = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
             if top >= vocab:
@@ -87,11 +90,18 @@ class DynaMoRuntime:
         masks = None
         if manifest.cooccurrence is not None:
             masks = CooccurrenceMask.load(
-                root / manifest.cooccurrence, expected_vocab_size=vocab, max_bytes=max_memory_bytes
+                root / manifest.cooccurrence,
+                expected_vocab_size=vocab,
+                max_bytes=max_memory_bytes,
+                contents=artifact.folder(manifest.cooccurrence),
             )
             check_artifact_masks(root, manifest.tokenizer_fingerprint, manifest.cooccurrence, masks.meta)
-        check_graph(root, manifest)  # before ONNX Runtime reads a byte of it
-        session = GraphSession(str(root / manifest.graph.file), manifest, provider=provider, threads=threads)
+        graph = files[manifest.graph.file]
+        data = files.get(manifest.graph.external_data) if manifest.graph.external_data else None
+        # before ONNX Runtime reads a byte of it
+        info = check_graph(root, manifest, graph, None if data is None else len(data))
+        external = {location: data for location in external_locations(info)}
+        session = GraphSession(graph, manifest, provider=provider, threads=threads, external_data=external)
         return cls(root, manifest, session, tokenizer, masks, max_memory_bytes)
 
     @property

@@ -45,7 +45,16 @@ from pathlib import Path, PurePosixPath
 from runtime.contract import INT4_BLOCK_SIZES, LOGITS, TOKEN_INPUTS
 from runtime.errors import GraphError
 from runtime.manifest import MAX_SIZE, Manifest
-from runtime.onnx_reader import DATA_TYPES, MAX_RANK, TYPED_FIELD, OnnxFile, OnnxNode, OnnxTensor, read_onnx
+from runtime.onnx_reader import (
+    DATA_TYPES,
+    MAX_RANK,
+    TYPED_FIELD,
+    OnnxFile,
+    OnnxNode,
+    OnnxTensor,
+    read_onnx,
+    read_onnx_bytes,
+)
 
 MS_DOMAIN = "com.microsoft"
 ALLOWED_DOMAINS = frozenset({"", "ai.onnx", MS_DOMAIN})
@@ -56,11 +65,21 @@ QUANTIZED_DTYPE = "int4"  # the manifest dtype whose graph holds the quantized-w
 MAX_LISTED = 5  # problems named per kind; the rest are counted
 
 
-def check_graph(root: str | os.PathLike, manifest: Manifest) -> OnnxFile:
-    """Raise GraphError unless the artifact's graph is one this runtime may hand to ONNX Runtime."""
+def check_graph(
+    root: str | os.PathLike,
+    manifest: Manifest,
+    graph_bytes: bytes | None = None,
+    data_size: int | None = None,
+) -> OnnxFile:
+    """Raise GraphError unless the artifact's graph is one this runtime may hand to ONNX Runtime.
+
+    With `graph_bytes` (and `data_size`, the length of the external data file when the manifest
+    lists one) the check reads no file: it judges the bytes the loader read once and will hand
+    to ONNX Runtime (runtime/artifact_files.py), so no file swapped in between escapes it.
+    """
     root = Path(root)
     graph_file = root / manifest.graph.file
-    info = read_onnx(graph_file)
+    info = read_onnx(graph_file) if graph_bytes is None else read_onnx_bytes(graph_bytes, str(graph_file))
     problems = [
         f"{graph_file.name} contains {what}, which dynamo-export never emits" for what in info.unsupported
     ]
@@ -70,7 +89,7 @@ def check_graph(root: str | os.PathLike, manifest: Manifest) -> OnnxFile:
     problems += _io_problems(info, manifest)
     if problems:
         raise GraphError(f"{graph_file} is rejected: " + "; ".join(problems))
-    data = _DataFile(root, manifest)
+    data = _DataFile(root, manifest, data_size)
     for tensor in info.tensors:
         _check_tensor(tensor, data)
     return info
@@ -265,11 +284,11 @@ def _io_problems(info: OnnxFile, manifest: Manifest) -> list[str]:
 class _DataFile:
     """The one external-data file the manifest allows, checked once: a regular file inside the artifact."""
 
-    def __init__(self, root: Path, manifest: Manifest):
+    def __init__(self, root: Path, manifest: Manifest, size: int | None = None):
         self.root = root
         self.graph_dir = PurePosixPath(manifest.graph.file).parent
         self.expected = manifest.graph.external_data
-        self._size: int | None = None
+        self._size = size  # known when the loader read the file already; else looked up once
 
     def size_for(self, where: str, location: str) -> int:
         """Bytes in the file that `location` (relative to the graph file) names; GraphError unless allowed."""
@@ -387,3 +406,10 @@ def _check_inline(t: OnnxTensor, numel: int, nbytes: int, dtype: str) -> None:
         raise GraphError(
             f"{t.where}: its typed data does not hold the {numel} {dtype} values dims {t.dims} declare"
         )
+
+
+def external_locations(info: OnnxFile) -> list[str]:
+    """The external-data locations the graph's tensors name, as written: after `check_graph` every
+    one of them is a spelling of the manifest's one data file, and ONNX Runtime, given the graph as
+    bytes, looks each up by exactly this string among the files handed to it in memory."""
+    return sorted({t.external["location"] for t in info.tensors if t.external_location})

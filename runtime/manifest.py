@@ -35,6 +35,9 @@ from runtime.errors import ArtifactError, ArtifactFileError, ManifestError
 from runtime.fingerprint import is_fingerprint
 
 MANIFEST_NAME = "manifest.json"
+# The artifact's signature (runtime/signing.py): written after the manifest and over every file,
+# the manifest included, so it is the one file at the root that the manifest does not list.
+SIGNATURE_NAME = "model.sig"
 FORMAT_NAME = "dynamo-export-artifact"
 SCHEMA_VERSION = 1
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
@@ -290,8 +293,9 @@ def inventory(root: Path) -> dict[str, FileEntry]:
     """Size and sha256 of every file under root except the manifest itself."""
     entries = {}
     for path in sorted(walk(root)):
-        if path.is_file() and path.name != MANIFEST_NAME:
-            entries[path.relative_to(root).as_posix()] = file_entry(path)
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and path.name != MANIFEST_NAME and rel != SIGNATURE_NAME:
+            entries[rel] = file_entry(path)
     return entries
 
 
@@ -323,7 +327,7 @@ def verify_files(root: str | os.PathLike, manifest: Manifest, check_hashes: bool
         rel = path.relative_to(root).as_posix()
         if path.is_symlink():
             raise ArtifactFileError(f"{rel} is a symbolic link; artifacts may not contain links")
-        if path.is_file() and path.name != MANIFEST_NAME:
+        if path.is_file() and path.name != MANIFEST_NAME and rel != SIGNATURE_NAME:
             on_disk.add(rel)
     missing = sorted(set(manifest.files) - on_disk)
     extra = sorted(on_disk - set(manifest.files))

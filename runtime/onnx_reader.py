@@ -401,3 +401,13 @@ def read_onnx(path: str | os.PathLike) -> OnnxFile:
             return _read_model(_Wire(buf, str(path)), size)
     except OSError as exc:
         raise GraphError(f"cannot read {path}: {exc}") from exc
+
+
+def read_onnx_bytes(data: bytes, name: str) -> OnnxFile:
+    """`read_onnx` over bytes already read (runtime/artifact_files.py): the checks and ONNX Runtime
+    then see the same bytes, whatever happens to the file meanwhile. `name` appears in messages."""
+    if not data:
+        raise GraphError(f"{name} is empty; re-export it with dynamo-export")
+    if len(data) > MAX_GRAPH_BYTES:
+        raise GraphError(f"{name} is {len(data)} bytes, more than a protobuf message can hold")
+    return _read_model(_Wire(data, name), len(data))

@@ -18,6 +18,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -80,13 +81,18 @@ class GraphSession:
 
     def __init__(
         self,
-        model_path: str,
+        model_path: str | bytes,
         manifest: Manifest,
         provider: str = "cpu",
         threads: int | None = None,
         io_binding: bool | None = None,
+        external_data: Mapping[str, bytes] | None = None,
     ):
-        """`io_binding` (default: on for CUDA only) keeps the cache in ORT's own device buffers,
+        """`model_path` is the graph's path, or its bytes as the loader read and checked them
+        (runtime/artifact_files.py); then `external_data` maps each external-data location the
+        graph names to the data file's bytes, so ONNX Runtime opens no file at all.
+
+        `io_binding` (default: on for CUDA only) keeps the cache in ORT's own device buffers,
         bound to the next pass; on the CPU provider it runs CUDA's code path, which the tests
         hold equal to the plain one on machines without a GPU."""
         self.manifest = manifest
@@ -108,12 +114,18 @@ class GraphSession:
                 )
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
+        name = model_path if isinstance(model_path, str) else manifest.graph.file
         try:
+            if external_data:  # ORT copies what it needs while it builds the session
+                buffers = list(external_data.values())
+                options.add_external_initializers_from_files_in_memory(
+                    list(external_data), buffers, [len(b) for b in buffers]
+                )
             self.session = ort.InferenceSession(
                 model_path, sess_options=options, providers=ORT_PROVIDERS[self.provider]
             )
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
-            raise ArtifactError(f"ONNX Runtime could not load {model_path}: {exc}") from exc
+            raise ArtifactError(f"ONNX Runtime could not load {name}: {exc}") from exc
         self._check_io()
         # (key, value) names per layer to feed, and the presents interleaved as the graph returns them.
         self.past_names = list(

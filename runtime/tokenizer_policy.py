@@ -100,18 +100,33 @@ def load_tokenizer(path: Path) -> Tokenizer:
         raise TokenizerError(
             f"{path.name} is {size:,} bytes, over the {MAX_FILE_BYTES:,} a tokenizer may take"
         )
-    text = path.read_text(encoding="utf-8", errors="strict")
+    return parse_tokenizer(path.read_bytes(), path.name)
+
+
+def parse_tokenizer(data: bytes, name: str) -> Tokenizer:
+    """The tokenizer whose tokenizer.json bytes are `data`, after the allow-list admitted them.
+
+    The loader reads the file once and hands these bytes on (runtime/artifact_files.py): the
+    allow-list and `tokenizers` judge the same text.
+    """
+    if len(data) > MAX_FILE_BYTES:
+        raise TokenizerError(
+            f"{name} is {len(data):,} bytes, over the {MAX_FILE_BYTES:,} a tokenizer may take"
+        )
     try:
+        text = data.decode("utf-8", errors="strict")
         spec = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise TokenizerError(f"{path.name} is not valid JSON: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise TokenizerError(f"{name} is not UTF-8 text: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, digit limits, deep nesting
+        raise TokenizerError(f"{name} is not valid JSON: {exc}") from exc
     problems = policy_problems(spec)
     if problems:
         raise TokenizerError(
-            f"{path.name} holds what the runtime does not run: {'; '.join(problems)}. The exporter writes "
+            f"{name} holds what the runtime does not run: {'; '.join(problems)}. The exporter writes "
             "tokenizers that pass; re-export the model, or use a GPT-NeoX/Pythia tokenizer"
         )
-    return call(lambda: Tokenizer.from_str(text), f"{path.name} could not be read", TokenizerError)
+    return call(lambda: Tokenizer.from_str(text), f"{name} could not be read", TokenizerError)
 
 
 def call(action: Callable[[], T], what: str, error: type[DynaMoRuntimeError]) -> T:
