@@ -484,14 +484,18 @@ Py_ssize_t stage_adaptive_threshold(const Workspace *w, Grid *grid, int otsu, in
 
 void stage_penalty(const Workspace *w, const Grid *g, const uint8_t *in_seen, Py_ssize_t stride, double penalty) {
     if (penalty == 1.0) return;
-    for (Py_ssize_t c = 0; c < g->count; c++) { /* once per axis whose candidate was generated, axis by axis */
+    /* once per axis whose candidate was generated or repeats an earlier axis' (ar's history), axis by axis */
+    for (Py_ssize_t c = 0; c < g->count; c++) {
         Py_ssize_t coord[MAX_ORDER], rest = w->cells[c];
         for (int a = g->ndim - 1; a >= 0; a--) {
             coord[a] = rest % g->shape[a];
             rest /= g->shape[a];
         }
-        for (int a = 0; a < g->ndim; a++)
-            if (in_seen[a * stride + coord[a]]) w->values[c] = w->values[c] / penalty;
+        for (int a = 0; a < g->ndim; a++) {
+            int repeated = in_seen[a * stride + coord[a]];
+            for (int b = 0; b < a && !repeated; b++) repeated = g->ids[b][coord[b]] == g->ids[a][coord[a]];
+            if (repeated) w->values[c] = w->values[c] / penalty;
+        }
     }
 }
 

@@ -99,7 +99,7 @@ void stage_static_threshold(const Workspace *w, const Grid *g, double threshold)
 Py_ssize_t stage_adaptive_threshold(const Workspace *w, Grid *g, int otsu, int blur);
 
 /* penalty: J divided by `penalty` once per axis whose candidate was generated (in_seen: one
- * flag per candidate, axis a's at a * stride). */
+ * flag per candidate, axis a's at a * stride) or equals the cell's candidate on an earlier axis. */
 void stage_penalty(const Workspace *w, const Grid *g, const uint8_t *in_seen, Py_ssize_t stride, double penalty);
 
 /* backoff: whether the grid's largest cell beats its bound. */

@@ -170,21 +170,26 @@ def static_threshold(grid: Grid, ctx: GridContext) -> Grid:
 
 
 def penalty(grid: Grid, ctx: GridContext) -> Grid:
-    """Divide J by the penalty once per axis on which a cell's candidate was already generated."""
+    """Divide J by the penalty once per axis whose candidate `ar` would penalise there.
+
+    That is a candidate already generated or equal to the cell's candidate on an earlier
+    axis: `ar` emitting the cell's tokens one by one would have the earlier ones in its
+    history (a cell (a, a, a) is divided twice for a never generated).
+    """
     value = ctx.config.repetition_penalty
-    if value == 1 or not ctx.generated.any:
+    if value == 1:
         return grid
-    index = None
-    for axis, t in enumerate(grid.topks):
-        seen = ctx.generated.contains(t.ids)
-        if not seen.any():
-            continue
-        if grid.cells is None:
-            grid.values[(slice(None),) * axis + (np.flatnonzero(seen),)] /= value
-        else:
-            if index is None:
-                index = np.unravel_index(grid.cells, grid.shape)
-            grid.values[seen[index[axis]]] /= value
+    ids = [t.ids for t in grid.topks]
+    if grid.cells is None:
+        coords = np.ix_(*(np.arange(i.size) for i in ids))
+    else:
+        coords = np.unravel_index(grid.cells, grid.shape)
+    for axis, t in enumerate(ids):
+        repeated = ctx.generated.contains(t)[coords[axis]]
+        for earlier in range(axis):
+            repeated = repeated | (ids[earlier][coords[earlier]] == t[coords[axis]])
+        if repeated.any():
+            grid.values[np.broadcast_to(repeated, grid.values.shape)] /= value
     return grid
 
 

@@ -13,7 +13,7 @@ by the stage names and checked against the stage list, like the numpy and C path
       static:    J(c) = 0 where J(c) < static_threshold
       adaptive:  B = J blurred (binomial kernel of size `blur`, mirrored borders), 256 equal
                  bins over [min B, max B], Otsu's split; J(c) = 0 in the low class
-      penalty:   J(c) /= penalty ** (number of the c_i already generated)
+      penalty:   J(c) /= penalty ** (number of the c_i already generated or equal to an earlier c_j)
       backoff:   go on to n - 1 unless min(max J, 1) > eps_b ** (n - 1)
       draw:      the cell drawn from J (its argmax when greedy)
     n = 1: a token drawn from f_1(a) / penalty ** [a generated] over C_1
@@ -107,7 +107,8 @@ def adaptive_threshold(grid: dict, ctx: Context) -> dict:
 def penalty(grid: dict, ctx: Context) -> dict:
     out = {}
     for c, v in grid.items():
-        repeats = sum(ctx.heads[i][c[i]][0] in ctx.generated for i in range(len(c)))
+        tokens = [ctx.heads[i][c[i]][0] for i in range(len(c))]
+        repeats = sum(t in ctx.generated or t in tokens[:i] for i, t in enumerate(tokens))
         out[c] = v / ctx.config.repetition_penalty**repeats
     return out
 

@@ -88,12 +88,14 @@ def whole_grid_joint(topks, generated, masks, config):
         if hi > lo:
             bins = np.minimum(((blurred - lo) * (256 / (hi - lo))).astype(np.int64), 255)
             grid[bins <= exact_otsu_split(np.bincount(bins.ravel(), minlength=256))] = 0.0
-    for axis, t in enumerate(topks):  # once per axis whose candidate was generated
-        repeated = np.isin(t.ids, np.asarray(generated))
-        if config.repetition_penalty != 1 and repeated.any():
-            grid /= np.where(repeated, config.repetition_penalty, 1.0).reshape(
-                (-1,) + (1,) * (grid.ndim - axis - 1)
-            )
+    # once per axis whose candidate was generated or equals an earlier axis' candidate in the cell
+    ids = np.ix_(*[t.ids for t in topks])
+    for axis in range(grid.ndim):
+        repeated = np.isin(ids[axis], np.asarray(generated))
+        for earlier in range(axis):
+            repeated = repeated | (ids[earlier] == ids[axis])
+        if config.repetition_penalty != 1:
+            grid /= np.where(repeated, config.repetition_penalty, 1.0)
     return grid
 
 

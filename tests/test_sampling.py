@@ -4,7 +4,7 @@ emits n, back-off, greedy, repetition penalty, verify mode's exact target distri
 
 from __future__ import annotations
 
-import functools
+import itertools
 import math
 
 import numpy as np
@@ -384,15 +384,23 @@ def test_repetition_penalty_divides_the_probability_of_generated_tokens():
     assert sample_ar(row, [int(first)], greedy, rng) == second
 
 
-def test_repetition_penalty_on_the_grid_counts_each_generated_token():
+def test_repetition_penalty_on_the_grid_counts_each_token_ar_would_have_seen():
+    """A cell is divided once per token that is generated or repeats an earlier token of the cell,
+    as `ar` emitting the cell's tokens one by one would divide them (brute force over the cells)."""
     rng = np.random.default_rng(4)
-    topks = [head_topk(row, 6, 1.0) for row in rng.normal(size=(3, 40)).astype(np.float32)]
-    generated = np.array([topks[0].ids[0], topks[2].ids[1]])
+    topks = [head_topk(row, 6, 1.0) for row in rng.normal(size=(3, 9)).astype(np.float32)]
+    generated = [int(topks[0].ids[0]), int(topks[2].ids[1])]
     base = DynamicSampler().joint(topks, generated, None, PLAIN).copy()
     penalised = DynamicSampler().joint(topks, generated, None, PLAIN.replace(repetition_penalty=2.0))
-    repeats = functools.reduce(np.add, np.ix_(*[np.isin(t.ids, generated).astype(int) for t in topks]))
+    repeats = np.zeros(base.shape, dtype=int)
+    for cell in itertools.product(*(range(t.ids.size) for t in topks)):
+        tokens = [int(t.ids[i]) for t, i in zip(topks, cell, strict=True)]
+        repeats[cell] = sum(x in generated or x in tokens[:i] for i, x in enumerate(tokens))
     np.testing.assert_allclose(penalised, base / 2.0**repeats, rtol=1e-15)
-    assert repeats.max() >= 2
+    fresh = [t for t in set(topks[0].ids.tolist()) & set(topks[1].ids.tolist()) if t not in generated]
+    assert fresh, "the heads must share a candidate that was never generated"
+    a, b = (int(np.flatnonzero(topks[axis].ids == fresh[0])[0]) for axis in (0, 1))
+    assert (repeats[a, b] >= 1).all()  # (x, x, .) is penalised though x was never generated
 
 
 # --- bad inputs --------------------------------------------------------------------------------
