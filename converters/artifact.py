@@ -62,6 +62,7 @@ from runtime.manifest import (
     read_manifest,
     verify_files,
 )
+from runtime.signing import sign_artifact, signing_problems
 
 EXTERNAL_DATA = ("auto", "always")
 # The dynamo exporter emits opset 18; older opsets would need a lossy down-conversion.
@@ -83,6 +84,7 @@ class ExportResult:
     seconds: dict[str, float] = field(default_factory=dict)  # per step
     fused: dict[str, int] = field(default_factory=dict)
     heldout: HeldoutReport | None = None  # with eval_tokens
+    signature: Path | None = None  # with sign: the artifact's model.sig (runtime/signing.py)
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ class _Plan:
     eval_windows: int
     eval_seq_len: int
     tokenizer_fingerprint: str | None = None  # the checkpoint's (runtime/fingerprint.py); None: unknown
+    sign: Path | None = None  # the private key that signs the artifact (runtime/signing.py)
 
 
 def default_out(model_path: str | os.PathLike, dtype: str) -> Path:
@@ -124,13 +127,16 @@ def export_artifact(
     int4: Int4Config | None = None,
     eval_tokens: str | os.PathLike | None = None,
     eval_windows: int | None = None,
+    sign: str | os.PathLike | None = None,
 ) -> ExportResult:
     """Export a DynaMo (or plain GPT-NeoX, as one head) checkpoint to an artifact directory.
 
     `int4` sets dtype int4's block size and symmetry (default Int4Config()).
     `eval_tokens`, a held-out token file, adds the graph's PPL_1..n next to the
     float32 model's on `eval_windows` windows (default 16) to the report and the
-    manifest (converters/heldout.py).
+    manifest (converters/heldout.py). `sign`, an elliptic-curve private key (PEM),
+    signs every file, the manifest included, into model.sig before the artifact is
+    installed (runtime/signing.py; offline, no Sigstore service).
 
     All options are checked before any work starts. Raises CheckpointError for a
     bad checkpoint, ExportError for bad options, an unwritable or occupied `out`,
@@ -139,11 +145,11 @@ def export_artifact(
     """
     plan = _plan(
         model_path, out, cooccurrence, dtype, opset, external_data, optimize, verify, force,
-        int4, eval_tokens, eval_windows,
+        int4, eval_tokens, eval_windows, sign,
     )  # fmt: skip
     steps = ["load", "export", *(["fuse"] if optimize else []), *([dtype] if dtype != "fp32" else [])]
     steps += ["save", *(["verify"] if verify else []), *(["heldout"] if eval_tokens else [])]
-    steps += ["manifest", "install"]
+    steps += ["manifest", *(["sign"] if sign is not None else []), "install"]
     created = _missing_ancestors(plan.out.parent)
     try:
         plan.out.parent.mkdir(parents=True, exist_ok=True)
@@ -217,6 +223,9 @@ def _build(plan: _Plan, staging: Path, step, result: ExportResult) -> None:
             shutil.copyfile(plan.model_path / TOKENIZER_FILE, built / TOKENIZER_FILE)
         fusions = result.fused if plan.optimize else None
         manifest = _write_manifest(built, plan, config, spec, external, result, fusions)
+    if plan.sign is not None:
+        with step("sign"):
+            result.signature = plan.out / sign_artifact(built, plan.sign).name
     with step("install"):
         _make_shareable(built)
         install_directory(built, plan.out, overwrite=plan.force)
@@ -228,7 +237,7 @@ def _build(plan: _Plan, staging: Path, step, result: ExportResult) -> None:
 
 def _plan(
     model_path, out, cooccurrence, dtype, opset, external_data, optimize, verify, force,
-    int4, eval_tokens, eval_windows,
+    int4, eval_tokens, eval_windows, sign=None,
 ) -> _Plan:  # fmt: skip
     problems = []
     if dtype not in WEIGHT_DTYPES:
@@ -252,6 +261,8 @@ def _plan(
     elif eval_windows is not None and (isinstance(eval_windows, bool) or not isinstance(eval_windows, int)
                                        or eval_windows < 1):  # fmt: skip
         problems.append(f"--eval-windows {eval_windows!r} must be an integer >= 1")
+    if sign is not None:
+        problems += signing_problems(sign)
     if problems:
         raise ExportError("invalid export options: " + "; ".join(problems))
 
@@ -295,6 +306,7 @@ def _plan(
         eval_windows=eval_windows or DEFAULT_WINDOWS,
         eval_seq_len=eval_seq_len,
         tokenizer_fingerprint=fingerprint,
+        sign=Path(sign) if sign is not None else None,
     )
 
 

@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {DEFAULT_WINDOWS})",
     )
     parser.add_argument("--force", action="store_true", help="replace an existing artifact directory")
+    parser.add_argument(
+        "--sign",
+        metavar="PRIVATE_KEY",
+        help="sign every file, manifest included, into model.sig with this elliptic-curve private key (PEM), "
+        'offline; check with dynamo-generate --require-signature PUBKEY (needs pip install "dynamo-export[sign]") '
+        "(default: unsigned)",
+    )
     return parser
 
 
@@ -104,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             int4=int4,
             eval_tokens=args.eval_tokens,
             eval_windows=args.eval_windows,
+            sign=args.sign,
         )
     except (DynaMoError, DynaMoRuntimeError) as exc:
         print(f"dynamo-export: error: {exc}", file=sys.stderr)
@@ -126,6 +134,8 @@ def summary(result: ExportResult) -> str:
     lines.append(f"  parity: {result.parity.summary() if result.parity else 'not verified (--no-verify)'}")
     if result.heldout is not None:
         lines.append(f"  held-out: {result.heldout.summary()}")
+    if result.signature is not None:
+        lines.append(f"  signed: {result.signature} covers every file above and manifest.json")
     if result.fused:
         lines.append(f"  fusions: {', '.join(f'{op}={n}' for op, n in sorted(result.fused.items()))}")
     steps = ", ".join(f"{name} {seconds:.1f}s" for name, seconds in result.seconds.items())

@@ -15,6 +15,7 @@ from runtime.errors import (
     ManifestError,
     ProviderError,
     SamplingConfigError,
+    SignatureError,
 )
 from runtime.generation import GenerationStats
 
@@ -35,4 +36,5 @@ __all__ = [
     "ProviderError",
     "SamplingConfig",
     "SamplingConfigError",
+    "SignatureError",
 ]

@@ -192,12 +192,12 @@ def _read_pinned(
         contents = {}
         for rel, file_fd in opened.items():
             data = _read_exactly(file_fd, rel, manifest.files[rel].size)
+            if signed is not None:  # first: for a signed artifact, the signature is the authority
+                _check_signed(rel, data, signed)
             if check_hashes and hashlib.sha256(data).hexdigest() != manifest.files[rel].sha256:
                 raise ArtifactFileError(
                     f"{rel} does not match its sha256 in the manifest: the file was modified or corrupted"
                 )
-            if signed is not None:
-                _check_signed(rel, data, signed)
             contents[rel] = data
     finally:
         for file_fd in opened.values():

@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="random seed (default: fresh entropy; same seed, same tokens)")
     p.add_argument("--provider", default="cpu", choices=PROVIDERS, help="ONNX Runtime execution provider")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: ORT's choice)")
+    p.add_argument(
+        "--require-signature",
+        metavar="PUBKEY",
+        help="refuse the artifact unless its model.sig is this elliptic-curve public key's (PEM) signature "
+        'over every file (dynamo-export --sign; needs pip install "dynamo-export[sign]") (default: not checked)',
+    )
     defaults = SamplingConfig()  # the manifest's sampling_defaults override these per artifact
     for flag, kind, meaning in (
         (
@@ -81,7 +87,12 @@ def sampling_config(args, defaults: SamplingConfig) -> SamplingConfig:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        rt = DynaMoRuntime.load(args.artifact, provider=args.provider, threads=args.threads)
+        rt = DynaMoRuntime.load(
+            args.artifact,
+            provider=args.provider,
+            threads=args.threads,
+            verify_signature=args.require_signature,
+        )
         config = sampling_config(args, rt.default_config)
         if args.stream and not args.json:
             pieces = rt.stream(args.prompt, args.max_new_tokens, config, seed=args.seed)

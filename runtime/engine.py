@@ -68,12 +68,17 @@ class DynaMoRuntime:
         threads: int | None = None,
         check_hashes: bool = True,
         max_memory_bytes: int | None = None,
+        verify_signature: str | os.PathLike | None = None,
     ) -> DynaMoRuntime:
+        """Load and check an artifact (module docstring). `verify_signature`, the path of an
+        elliptic-curve public key (PEM), also requires the artifact's model.sig to be that key's
+        signature over every file as read, checked before any of them is used (runtime/signing.py;
+        SignatureError otherwise)."""
         if max_memory_bytes is not None and (not _is_int(max_memory_bytes) or max_memory_bytes < 1):
             raise InputError(f"max_memory_bytes={max_memory_bytes!r} must be a positive integer or None")
         # Every file read once, from one pinned directory; the checks below and ONNX Runtime, the
         # tokenizer and the masks all get these same bytes (runtime/artifact_files.py).
-        artifact = read_artifact(artifact_dir, check_hashes=check_hashes)
+        artifact = read_artifact(artifact_dir, check_hashes=check_hashes, verify_signature=verify_signature)
         root, manifest, files = artifact.root, artifact.manifest, artifact.files
         vocab = manifest.model.vocab_size
         tokenizer = None

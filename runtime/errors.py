@@ -21,6 +21,11 @@ class GraphError(ArtifactError):
     """model.onnx is malformed, reads data from outside the artifact, or uses what the exporter never emits."""
 
 
+class SignatureError(ArtifactError):
+    """The artifact's signature is missing, invalid, by another key, or does not cover its files as read
+    (runtime/signing.py); or signing failed."""
+
+
 class CooccurrenceFileError(DynaMoRuntimeError):
     """A co-occurrence directory is missing, corrupt, or does not match the model; or cannot be written."""
 
