@@ -230,6 +230,10 @@ def split_corpus(
     source, out = Path(source), Path(out)
     if not 0 < val_fraction < 1:
         raise DataError(f"--val-fraction must lie in (0, 1), got {val_fraction}")
+    if not source.is_dir() and not any(Path(f"{source}{s}").is_file() for s in ("", ".json")):
+        raise DataError(
+            f"--input {source}: no such directory of text files or token file NAME (.bin + .json)"
+        )
     if out.exists() and not force:
         raise DataError(f"{out} already exists: choose another --out or pass --force to replace it")
     with atomic_directory(out, overwrite=force) as staging:

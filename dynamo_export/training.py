@@ -357,7 +357,12 @@ def train(
     if cfg.tokenizer is not None:
         adopt_tokenizer(model, model.tokenizer_dir, cfg.model)
     for path, file_meta in ((cfg.train, train_meta), (cfg.val, val_meta)):
-        check_vocab(file_meta, model.config, path, model_source=cfg.model or cfg.tokenizer)
+        check_vocab(
+            file_meta,
+            model.config,
+            path,
+            model_source=cfg.model or cfg.tokenizer or f"fresh base (tokens of {cfg.train})",
+        )
         if getattr(model.config, "tokenizer_fingerprint", None) is None:  # a fresh base: its tokens decide
             attach_fingerprint(model, file_meta.tokenizer_fingerprint)
     if cfg.seq_len > model.config.max_position_embeddings:
