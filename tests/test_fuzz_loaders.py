@@ -100,6 +100,8 @@ MANIFEST_FIELDS = [
     ("graph", "file"), ("graph", "external_data"), ("graph", "dtype"), ("graph", "cache_dtype"),
     ("graph", "logits_dtype"), ("graph", "opset"), ("graph", "past_key"), ("graph", "present_value"),
     ("tokenizer",), ("cooccurrence",), ("sampling_defaults",), ("files",),
+    *[("sampling_defaults", key) for key in ("mode", "eps_b", "top_k", "temperature", "alpha_c", "blur",
+                                            "static_threshold", "repetition_penalty", "stop")],
 ]  # fmt: skip
 
 
@@ -114,13 +116,20 @@ def test_fuzz_manifest_through_the_whole_loader(art, scratch, data):
     for _ in range(data.draw(st.integers(1, 3), label="edits")):
         path = data.draw(st.sampled_from(MANIFEST_FIELDS), label="field")
         parent = raw
-        for key in path[:-1]:
-            parent = parent[key]
-        current = parent[path[-1]]
+        try:
+            for key in path[:-1]:
+                parent = parent[key]
+            current = parent[path[-1]]
+        except (KeyError, TypeError):
+            continue  # an earlier edit replaced the section this field lives in
         if isinstance(current, int) and not isinstance(current, bool):
             value = data.draw(
-                st.sampled_from([0, 1, current - 1, current + 1, current * 2, 2**31 - 1, 2**62, -1]) | JSON
+                st.sampled_from([0, 1, current - 1, current + 1, current * 2, 2**31 - 1, 2**62, -1])
+                | st.just(current)  # unchanged: the example reaches ONNX Runtime and the sampler
+                | JSON
             )
+        elif isinstance(current, float):
+            value = data.draw(st.floats(allow_nan=True) | st.sampled_from([0.0, 1.0, 1e308, -1.0]) | JSON)
         else:
             value = data.draw(JSON)
         parent[path[-1]] = value
@@ -398,7 +407,12 @@ def _mutate_opset(model, draw):
     model.opset_import[0].version = draw(st.integers(1, 30))
 
 
-MUTATIONS = [_mutate_initializer, _mutate_node, _mutate_io, _mutate_opset]
+def _mutate_harmlessly(model, draw):
+    """Metadata only: the graph stays valid, so the example goes on to ONNX Runtime and generation."""
+    model.doc_string = draw(st.text(max_size=16))
+
+
+MUTATIONS = [_mutate_initializer, _mutate_node, _mutate_io, _mutate_opset, _mutate_harmlessly]
 
 
 @settings(FUZZ, max_examples=40)
