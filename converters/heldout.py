@@ -30,7 +30,7 @@ from converters.errors import ExportError
 from converters.io_spec import IOSpec
 from dynamo_export.errors import TokenFileError
 from dynamo_export.tokens import TokenFileMeta, open_tokens, read_token_meta
-from runtime.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS
+from runtime.contract import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, POSITION_IDS
 
 DEFAULT_WINDOWS = 16
 DEFAULT_SEQ_LEN = 256  # the reference model card's dynamo-eval --seq-len
@@ -113,6 +113,7 @@ def heldout_perplexity(
             INPUT_IDS: window[None, :seq_len],
             ATTENTION_MASK: np.ones((1, seq_len), np.int64),
             POSITION_IDS: np.arange(seq_len, dtype=np.int64)[None],
+            LOGITS_TO_KEEP: np.arange(seq_len, dtype=np.int64),
             **cache,
         }
         graph = session.run([LOGITS], feeds)[0][0].astype(np.float32)  # (n, T, V)

@@ -21,6 +21,7 @@ from runtime.contract import (
     ATTENTION_MASK,
     FLOAT_DTYPES,
     INPUT_IDS,
+    LOGITS_TO_KEEP,
     PAST,
     PAST_KEY,
     PAST_VALUE,
@@ -96,6 +97,8 @@ def dummy_inputs(spec: IOSpec, sizes: dict[str, int], vocab_size: int, rng: np.r
         POSITION_IDS: lambda t: np.broadcast_to(
             np.arange(past, past + seq, dtype=np.int64), t.shape(sizes)
         ).copy(),
+        # every fed position unless `sizes` asks for fewer rows: the last KEPT, in order
+        LOGITS_TO_KEEP: lambda t: np.arange(seq - t.shape(sizes)[0], seq, dtype=np.int64),
     }
     for name in spec.past_names():
         generators[name] = lambda t: rng.standard_normal(t.shape(sizes)).astype(t.dtype)

@@ -37,9 +37,9 @@ from torch import nn
 
 from converters.errors import ExportError
 from converters.io_spec import IOSpec, dummy_inputs
-from runtime.contract import BATCH, PAST, SEQ, TOKEN_INPUTS
+from runtime.contract import BATCH, KEPT, PAST, SEQ, TOKEN_INPUTS
 
-EXAMPLE_SIZES = {BATCH: 2, SEQ: 3, PAST: 5}
+EXAMPLE_SIZES = {BATCH: 2, SEQ: 3, PAST: 5, KEPT: 2}  # kept != seq: the exporter must not tie them
 _SYMBOL = re.compile(r"\b[a-z]\d+\b")
 
 
@@ -50,9 +50,16 @@ class FlatCacheModel(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, position_ids, *past):
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep, *past):
         past_key_values = tuple((past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2))
-        out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache=True)
+        out = self.model(
+            input_ids,
+            attention_mask,
+            position_ids,
+            past_key_values,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+        )
         presents = [t for key_value in out.past_key_values for t in key_value]
         return (out.logits, *presents)
 

@@ -32,7 +32,15 @@ import torch
 
 from converters.errors import ParityError
 from converters.io_spec import IOSpec
-from runtime.contract import ATTENTION_MASK, CPU_PROVIDER, CUDA_PROVIDER, INPUT_IDS, LOGITS, POSITION_IDS
+from runtime.contract import (
+    ATTENTION_MASK,
+    CPU_PROVIDER,
+    CUDA_PROVIDER,
+    INPUT_IDS,
+    LOGITS,
+    LOGITS_TO_KEEP,
+    POSITION_IDS,
+)
 
 PREFILL = 7
 STEPS = (1, 3)
@@ -189,7 +197,14 @@ def verify_graph(model, onnx_path: Path, spec: IOSpec, dtype: str, seed: int = 0
             mask = np.concatenate([mask, step_mask], axis=1)
             ids = rng.integers(0, config.vocab_size, (batch, seq), dtype=np.int64)
             positions = np.clip(mask.cumsum(-1) - 1, 0, None)[:, -seq:]
-            feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask, POSITION_IDS: positions, **ort_past}
+            every = np.arange(seq, dtype=np.int64)  # every position: the reference returns them all
+            feeds = {
+                INPUT_IDS: ids,
+                ATTENTION_MASK: mask,
+                POSITION_IDS: positions,
+                LOGITS_TO_KEEP: every,
+                **ort_past,
+            }
             ort_out = session.run(None, feeds)
             ref, torch_past = _torch_step(model, ids, mask, positions, torch_past, spec)
             past = mask.shape[1] - seq
@@ -257,6 +272,7 @@ def _ort_greedy_step(session, spec: IOSpec, new: list[int], total: int, past: di
         INPUT_IDS: np.array([new], dtype=np.int64),
         ATTENTION_MASK: np.ones((1, total), dtype=np.int64),
         POSITION_IDS: np.arange(total - len(new), total, dtype=np.int64)[None],
+        LOGITS_TO_KEEP: np.array([len(new) - 1], dtype=np.int64),  # the last row only, as the runtime asks
         **past,
     }
     out = session.run(None, feeds)

@@ -161,7 +161,10 @@ class DynaMoForCausalLM(DynaMoPreTrainedModel):
         position_ids: torch.Tensor | None = None,
         past_key_values: tuple[KeyValue, ...] | None = None,
         use_cache: bool = False,
+        logits_to_keep: int | torch.Tensor = 0,
     ) -> DynaMoOutput:
+        """`logits_to_keep` as in transformers: 0 every position, k > 0 the last k, a 1-D tensor those
+        positions; the heads' states are cut before the unembedding, so the rows not kept cost nothing."""
         batch, seq = input_ids.shape
         past_len = 0 if past_key_values is None else past_key_values[0][0].shape[-2]
         if attention_mask is None:
@@ -190,7 +193,11 @@ class DynaMoForCausalLM(DynaMoPreTrainedModel):
             for j, head in enumerate(self.heads)
         ]
         stacked = torch.stack(head_states, dim=1)  # (B, n, T, H)
-        logits = self.embed_out(stacked)  # (B, n, T, V): one MatMul shared by all heads
+        if isinstance(logits_to_keep, torch.Tensor):
+            stacked = stacked.index_select(2, logits_to_keep)
+        elif logits_to_keep:
+            stacked = stacked[:, :, -logits_to_keep:]
+        logits = self.embed_out(stacked)  # (B, n, kept, V): one MatMul shared by all heads
 
         presents = tuple(cache.present) if (cache is not None and use_cache) else None
         return DynaMoOutput(logits=logits, past_key_values=presents)

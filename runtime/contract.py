@@ -9,10 +9,11 @@ nowhere else. Torch-free: the runtime reads it as much as the exporter.
     input_ids                    int64  (batch, seq)
     attention_mask               int64  (batch, past + seq)
     position_ids                 int64  (batch, seq)
+    logits_to_keep               int64  (kept,)        which fed positions get logits, 0 <= p < seq
     past_key_values.{i}.key      float  (batch, num_heads, past, head_dim)   i = 0 .. num_cache_layers-1
     past_key_values.{i}.value    float  (batch, num_heads, past, head_dim)
     ->
-    logits                       float  (batch, n_heads, seq, vocab)
+    logits                       float  (batch, n_heads, kept, vocab)
     present.{i}.key / .value     float  (batch, num_heads, past + seq, head_dim)
 
 Cache layout: one (key, value) pair per decoder layer that attends, ordered stem
@@ -21,6 +22,13 @@ layers, so num_cache_layers = L + n - 1. The graph takes and returns them
 interleaved (layer 0 key, layer 0 value, layer 1 key, ...) after the three token
 inputs and after the logits. A graph input or output is described by a
 `TensorSpec` (its dtype and axes), keyed by its name.
+
+`logits_to_keep` (transformers' name; a 1-D tensor there too means "these positions")
+exists because most passes need one row: `ar` and `dynamic` sample at the last fed
+position, and every prefill too, while the unembedding of every head at every fed
+position is the largest MatMul of a small model's pass (n x seq rows of a vocab x
+hidden matrix). Graphs exported before it (manifest schema 1) lack the input and
+return every position; the session slices those on the CPU.
 """
 
 from __future__ import annotations
@@ -32,7 +40,13 @@ from dataclasses import dataclass
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
-TOKEN_INPUTS = (INPUT_IDS, ATTENTION_MASK, POSITION_IDS)  # the graph inputs ahead of the cache, in order
+LOGITS_TO_KEEP = "logits_to_keep"
+TOKEN_INPUTS = (
+    INPUT_IDS,
+    ATTENTION_MASK,
+    POSITION_IDS,
+    LOGITS_TO_KEEP,
+)  # the graph inputs ahead of the cache
 LOGITS = "logits"
 
 # Cache name patterns (optimum's). A manifest records the patterns its graph uses; these are the defaults.
@@ -46,6 +60,7 @@ BATCH = "batch"
 SEQ = "seq"
 PAST = "past"
 TOTAL = "past + seq"
+KEPT = "kept"  # rows of logits a pass asks for (logits_to_keep's length)
 
 # -- dtypes -------------------------------------------------------------------------------------------
 
@@ -80,8 +95,9 @@ class TensorSpec:
     axes: list
 
     def shape(self, sizes: dict[str, int]) -> tuple[int, ...]:
-        """Concrete shape for the axis sizes in `sizes` ({'batch': 2, 'seq': 3, 'past': 5}; TOTAL derived)."""
-        sizes = {**sizes, TOTAL: sizes[PAST] + sizes[SEQ]}
+        """Concrete shape for the axis sizes in `sizes` ({'batch': 2, 'seq': 3, 'past': 5}; TOTAL derived,
+        KEPT = seq unless given)."""
+        sizes = {KEPT: sizes[SEQ], **sizes, TOTAL: sizes[PAST] + sizes[SEQ]}
         return tuple(a if isinstance(a, int) else sizes[a] for a in self.axes)
 
 
@@ -120,10 +136,11 @@ def graph_io(
         INPUT_IDS: TensorSpec("int64", [BATCH, SEQ]),
         ATTENTION_MASK: TensorSpec("int64", [BATCH, TOTAL]),
         POSITION_IDS: TensorSpec("int64", [BATCH, SEQ]),
+        LOGITS_TO_KEEP: TensorSpec("int64", [KEPT]),
         **{name: cache(PAST) for name in interleaved(PAST_KEY, PAST_VALUE, num_cache_layers)},
     }
     outputs = {
-        LOGITS: TensorSpec(logits_dtype, [BATCH, num_token_heads, SEQ, vocab_size]),
+        LOGITS: TensorSpec(logits_dtype, [BATCH, num_token_heads, KEPT, vocab_size]),
         **{name: cache(TOTAL) for name in interleaved(PRESENT_KEY, PRESENT_VALUE, num_cache_layers)},
     }
     return inputs, outputs

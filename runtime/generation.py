@@ -67,7 +67,7 @@ class Decoder:
         """Yield the tokens each pass accepts (after stop and length cuts) until done."""
         self.stats.prompt_tokens = len(prompt)
         start = time.perf_counter()
-        logits = self._forward(prompt)  # (n_heads, T, V)
+        logits = self._forward(prompt, last_only=True)  # (n_heads, 1, V)
         tokens = self._first_choice(logits[:, -1])
         accepted = self._accept(tokens)
         self.stats.prefill_s = time.perf_counter() - start
@@ -82,7 +82,8 @@ class Decoder:
                 self.stats.stop_reason = "context"
                 break
             ort_start = time.perf_counter()
-            logits = self._forward(feed)
+            # verify checks a draft at every fed position; the other modes sample at the last
+            logits = self._forward(feed, last_only=self.config.mode != "verify")
             sample_start = time.perf_counter()
             tokens = (
                 self._verify(logits, feed) if self.config.mode == "verify" else self._choose(logits[:, -1])
@@ -116,9 +117,9 @@ class Decoder:
             return [*self.to_feed, *self.draft.tokens]
         return list(self.to_feed)
 
-    def _forward(self, tokens: list[int]) -> np.ndarray:
+    def _forward(self, tokens: list[int], last_only: bool) -> np.ndarray:
         positions = list(range(self.next_position, self.next_position + len(tokens)))
-        logits = self.session.forward(self.cache, tokens, positions, self.deadline.run_options)
+        logits = self.session.forward(self.cache, tokens, positions, self.deadline.run_options, last_only)
         self.next_position += len(tokens)
         self.stats.forward_passes += 1
         return logits

@@ -42,7 +42,7 @@ import os
 import stat
 from pathlib import Path, PurePosixPath
 
-from runtime.contract import INT4_BLOCK_SIZES, LOGITS, TOKEN_INPUTS
+from runtime.contract import INT4_BLOCK_SIZES, LOGITS, LOGITS_TO_KEEP, TOKEN_INPUTS
 from runtime.errors import GraphError
 from runtime.manifest import MAX_SIZE, Manifest
 from runtime.onnx_reader import (
@@ -101,8 +101,10 @@ def _contract_problems(manifest: Manifest) -> list[str]:
     past = manifest.cache_names("past_key") + manifest.cache_names("past_value")
     present = manifest.cache_names("present_key") + manifest.cache_names("present_value")
     problems = []
+    # schema 1 graphs predate logits_to_keep (runtime/manifest.py)
+    tokens = [n for n in TOKEN_INPUTS if n != LOGITS_TO_KEEP or manifest.schema_version >= 2]
     for kind, names, expected in (
-        ("inputs", manifest.graph.inputs, [*TOKEN_INPUTS, *past]),
+        ("inputs", manifest.graph.inputs, [*tokens, *past]),
         ("outputs", manifest.graph.outputs, [LOGITS, *present]),
     ):
         if sorted(names) != sorted(expected):

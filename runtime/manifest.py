@@ -39,7 +39,10 @@ MANIFEST_NAME = "manifest.json"
 # the manifest included, so it is the one file at the root that the manifest does not list.
 SIGNATURE_NAME = "model.sig"
 FORMAT_NAME = "dynamo-export-artifact"
-SCHEMA_VERSION = 1
+# 2: the graph takes logits_to_keep (runtime/contract.py). 1: it returns logits at every fed
+# position; still loaded, the session slicing them on the CPU.
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_SIZE = 2**31 - 1  # any model size or axis; keeps products of a few of them inside int64
 
@@ -169,10 +172,10 @@ def parse_manifest(text: str) -> Manifest:
     manifest = _parse(Manifest, raw, MANIFEST_NAME)
     if manifest.format != FORMAT_NAME:
         raise ManifestError(f"{MANIFEST_NAME}: format must be {FORMAT_NAME!r}, got {manifest.format!r}")
-    if manifest.schema_version != SCHEMA_VERSION:
+    if manifest.schema_version not in SUPPORTED_SCHEMA_VERSIONS:
         raise ManifestError(
             f"{MANIFEST_NAME}: schema_version {manifest.schema_version} is not supported by this runtime "
-            f"(supports {SCHEMA_VERSION}); re-export the model or upgrade dynamo-export"
+            f"(supports {list(SUPPORTED_SCHEMA_VERSIONS)}); re-export the model or upgrade dynamo-export"
         )
     _check_consistency(manifest)
     return manifest

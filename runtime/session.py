@@ -29,6 +29,7 @@ from runtime.contract import (
     CUDA_PROVIDER,
     INPUT_IDS,
     LOGITS,
+    LOGITS_TO_KEEP,
     ORT_PROVIDERS,
     ORT_TYPES,
     POSITION_IDS,
@@ -136,6 +137,8 @@ class GraphSession:
         self.cache_dtype = np.dtype(manifest.graph.cache_dtype)
         self.logits_dtype = np.dtype(manifest.graph.logits_dtype)
         self._device_id = 0
+        # schema 1 graphs return every fed position's logits; last_only then slices on the CPU
+        self.keeps_logits = LOGITS_TO_KEEP in manifest.graph.inputs
 
     def _check_io(self) -> None:
         """The graph's inputs/outputs must be exactly the manifest's, with the same dtypes."""
@@ -192,18 +195,29 @@ class GraphSession:
         tokens: list[int],
         positions: list[int],
         run_options: ort.RunOptions | None = None,
+        last_only: bool = False,
     ) -> np.ndarray:
-        """Feed `tokens` at `positions`; returns logits (n_heads, len(tokens), vocab) and grows `cache`."""
+        """Feed `tokens` at `positions`; returns logits (n_heads, rows, vocab) and grows `cache`.
+
+        rows are every fed position, or with `last_only` the last one alone: then the graph
+        unembeds one row per head instead of len(tokens) (`ar`, `dynamic` and every prefill
+        sample there only).
+        """
         input_ids = np.asarray([tokens], dtype=np.int64)  # (1, T)
         position_ids = np.asarray([positions], dtype=np.int64)  # (1, T)
+        start = len(tokens) - 1 if last_only else 0
+        keep = np.arange(start, len(tokens), dtype=np.int64)
         # One C-level conversion per pass instead of unpacking a Python list as long as the context.
         live = np.frombuffer(bytes(cache.live) + b"\x01" * len(tokens), dtype=np.uint8)
         attention_mask = live.astype(np.int64)[None]  # (1, past+T)
         try:
+            tokens_in = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: position_ids}
+            if self.keeps_logits:
+                tokens_in[LOGITS_TO_KEEP] = keep
             if self.io_binding:
-                outputs = self._forward_bound(cache, input_ids, attention_mask, position_ids, run_options)
+                outputs = self._forward_bound(cache, tokens_in, run_options)
             else:
-                outputs = self._forward_cpu(cache, input_ids, attention_mask, position_ids, run_options)
+                outputs = self._forward_cpu(cache, tokens_in, run_options)
         except Exception as exc:  # ORT raises its own Fail / RuntimeException / allocation errors
             if run_options is not None and run_options.terminate:
                 raise GenerationTimeout("generation ran past its time limit and was stopped") from exc
@@ -211,19 +225,20 @@ class GraphSession:
                 f"ONNX Runtime failed in a forward pass ({type(exc).__name__}): {exc}"
             ) from exc
         logits = outputs[0]
-        self._check_outputs(logits, outputs[1:], len(tokens), cache.slots)
+        rows = keep.size if self.keeps_logits else len(tokens)
+        self._check_outputs(logits, outputs[1:], len(tokens), rows, cache.slots)
         cache.keys[:] = outputs[1::2]
         cache.values[:] = outputs[2::2]
         cache.live.extend(b"\x01" * len(tokens))
-        return logits[0]  # (n_heads, T, V)
+        return logits[0] if self.keeps_logits else logits[0, :, start:]  # (n_heads, rows, V)
 
-    def _check_outputs(self, logits: np.ndarray, presents: list, fed: int, past: int) -> None:
+    def _check_outputs(self, logits: np.ndarray, presents: list, fed: int, rows: int, past: int) -> None:
         """Every pass's outputs against the manifest, before the sampler or the cache sees them: a
         graph that lies about its heads, vocabulary, dtypes or cache growth is refused here, in every
         mode, instead of turning into a huge grid, a silent `ar`, or a bare numpy error later."""
         model = self.manifest.model
         problems = []
-        expected = (1, model.num_token_heads, fed, model.vocab_size)
+        expected = (1, model.num_token_heads, rows, model.vocab_size)
         if logits.shape != expected or logits.dtype != self.logits_dtype:
             problems.append(
                 f"logits {logits.dtype}{list(logits.shape)}, expected {self.logits_dtype}{list(expected)}"
@@ -231,7 +246,7 @@ class GraphSession:
         grown = [1, model.num_attention_heads, past + fed, model.head_dim]
         if len(presents) != len(self.present_names):  # only a wrapped or patched session can do this
             problems.append(f"{len(presents)} cache outputs, expected {len(self.present_names)}")
-        for name, present in zip(self.present_names, presents):
+        for name, present in zip(self.present_names, presents, strict=False):
             shape, dtype = _shape_and_dtype(present)
             if shape != grown or dtype != self.cache_dtype:
                 problems.append(f"{name} {dtype}{shape}, expected {self.cache_dtype}{grown}")
@@ -242,20 +257,16 @@ class GraphSession:
                 + "; ".join(problems)
             )
 
-    def _forward_cpu(self, cache, input_ids, attention_mask, position_ids, run_options) -> list:
-        feed = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: position_ids}
+    def _forward_cpu(self, cache, tokens_in: dict, run_options) -> list:
+        feed = dict(tokens_in)
         for (key_name, value_name), key, value in zip(self.past_names, cache.keys, cache.values, strict=True):
             feed[key_name] = key
             feed[value_name] = value
         return self.session.run([LOGITS, *self.present_names], feed, run_options)
 
-    def _forward_bound(self, cache, input_ids, attention_mask, position_ids, run_options):
+    def _forward_bound(self, cache, tokens_in: dict, run_options):
         binding = self.session.io_binding()
-        for name, array in (
-            (INPUT_IDS, input_ids),
-            (ATTENTION_MASK, attention_mask),
-            (POSITION_IDS, position_ids),
-        ):
+        for name, array in tokens_in.items():
             binding.bind_ortvalue_input(name, self._to_device(array))
         for (key_name, value_name), key, value in zip(self.past_names, cache.keys, cache.values, strict=True):
             binding.bind_ortvalue_input(key_name, key)

@@ -30,6 +30,7 @@ def test_graph_io_is_the_documented_table_in_the_graphs_order():
         "input_ids",
         "attention_mask",
         "position_ids",
+        "logits_to_keep",
         "past_key_values.0.key",
         "past_key_values.0.value",
         "past_key_values.1.key",
@@ -38,7 +39,8 @@ def test_graph_io_is_the_documented_table_in_the_graphs_order():
     assert list(outputs) == ["logits", "present.0.key", "present.0.value", "present.1.key", "present.1.value"]
     assert inputs["attention_mask"] == TensorSpec("int64", ["batch", "past + seq"])
     assert inputs["past_key_values.1.value"] == TensorSpec("float16", ["batch", 4, "past", 8])
-    assert outputs["logits"] == TensorSpec("float32", ["batch", 3, "seq", 100])
+    assert outputs["logits"] == TensorSpec("float32", ["batch", 3, "kept", 100])
+    assert inputs["logits_to_keep"] == TensorSpec("int64", ["kept"])
     assert outputs["present.0.key"] == TensorSpec("float16", ["batch", 4, "past + seq", 8])
     inputs["past_key_values.0.key"].axes[0] = "changed"  # every spec owns its axes
     assert inputs["past_key_values.0.value"].axes[0] == "batch"
@@ -47,6 +49,9 @@ def test_graph_io_is_the_documented_table_in_the_graphs_order():
 def test_shapes_derive_the_total_length():
     spec = TensorSpec("int64", ["batch", "past + seq"])
     assert spec.shape({"batch": 2, "seq": 3, "past": 5}) == (2, 8)
+    kept = TensorSpec("int64", ["kept"])
+    assert kept.shape({"batch": 2, "seq": 3, "past": 5}) == (3,)  # every fed row unless asked
+    assert kept.shape({"batch": 2, "seq": 3, "past": 5, "kept": 1}) == (1,)
 
 
 def test_cache_layout_and_the_manifests_default_patterns():

@@ -47,8 +47,9 @@ def contract(heads: int, cache_layers: int, cache=FLOAT) -> tuple[list, list]:
         ("input_ids", INT64, ["batch", "seq"]),
         ("attention_mask", INT64, ["batch", "past + seq"]),
         ("position_ids", INT64, ["batch", "seq"]),
+        ("logits_to_keep", INT64, ["kept"]),
     ]
-    outputs = [("logits", FLOAT, ["batch", heads, "seq", TINY_VOCAB])]
+    outputs = [("logits", FLOAT, ["batch", heads, "kept", TINY_VOCAB])]
     for i in range(cache_layers):
         for kind in ("key", "value"):
             inputs.append((f"past_key_values.{i}.{kind}", cache, ["batch", 4, "past", 8]))

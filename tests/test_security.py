@@ -710,7 +710,7 @@ def test_a_manifest_vocabulary_that_is_not_the_graphs_is_refused(copy, no_ort, m
     make_cooccurrence(copy / "cooccurrence", 90)
     write_tokenizer(copy / "tokenizer.json", 90)
     rehash(copy)
-    with pytest.raises(GraphError, match=r"logits: graph axes \['batch', 3, 'seq', 100\]"):
+    with pytest.raises(GraphError, match=r"logits: graph axes \['batch', 3, 'kept', 100\]"):
         DynaMoRuntime.load(copy)
 
 
