@@ -44,8 +44,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dynamo_export.errors import DynaMoError, TokenFileError
-from dynamo_export.evaluation import num_windows
+from dynamo_export.errors import DynaMoError
+from dynamo_export.evaluation import window_plan
 
 RUNTIME_TEMPERATURE = 0.7  # runtime.config.SamplingConfig's defaults
 RUNTIME_TOP_K = 50
@@ -192,16 +192,7 @@ def expected_acceptance(
             f"the masks were counted over {lookup.vocab_size} tokens, the model has {model.config.vocab_size}: "
             "count them on a token file of the model's own tokenizer"
         )
-    windows = num_windows(len(ids), seq_len, n)
-    if windows == 0:
-        raise TokenFileError(
-            f"the token file holds {len(ids)} tokens, fewer than one window of seq_len + n = {seq_len + n}: "
-            "use a smaller --seq-len or more text"
-        )
-    batches = math.ceil(windows / batch_size)
-    if max_batches is not None:
-        batches = min(batches, max_batches)
-    windows = min(windows, batches * batch_size)
+    windows, batches = window_plan(len(ids), seq_len, n, batch_size, max_batches)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -99,6 +99,22 @@ def check_vocab(
         )
 
 
+def window_plan(
+    tokens: int, seq_len: int, n: int, batch_size: int, max_batches: int | None
+) -> tuple[int, int]:
+    """(windows, batches) a pass over a `tokens`-long file scores; a file too short for one window is an error."""
+    windows = num_windows(tokens, seq_len, n)
+    if windows == 0:
+        raise TokenFileError(
+            f"the token file holds {tokens} tokens, fewer than one window of seq_len + n = {seq_len + n}: "
+            "use a smaller --seq-len or more text"
+        )
+    batches = math.ceil(windows / batch_size)
+    if max_batches is not None:
+        batches = min(batches, max_batches)
+    return min(windows, batches * batch_size), batches
+
+
 def num_windows(num_tokens: int, seq_len: int, num_heads: int) -> int:
     """Windows [k*seq_len, k*seq_len + seq_len + n) that fit in the file."""
     return max(0, (num_tokens - num_heads) // seq_len)
@@ -124,16 +140,7 @@ def evaluate(
     n = model.num_token_heads
     if seq_len < 1 or batch_size < 1:
         raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
-    windows = num_windows(len(ids), seq_len, n)
-    if windows == 0:
-        raise TokenFileError(
-            f"the token file holds {len(ids)} tokens, fewer than one window of seq_len + n = {seq_len + n}: "
-            "use a smaller --seq-len or more text"
-        )
-    batches = math.ceil(windows / batch_size)
-    if max_batches is not None:
-        batches = min(batches, max_batches)
-        windows = min(windows, batches * batch_size)
+    windows, batches = window_plan(len(ids), seq_len, n, batch_size, max_batches)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -157,6 +157,7 @@ def test_parity_with_transformers_from_another_working_directory(
             "input_ids": ids[:, start:end].numpy(),
             "attention_mask": np.ones((2, end), np.int64),
             "position_ids": np.tile(np.arange(start, end), (2, 1)),
+            "logits_to_keep": np.arange(seq),
             **past,
         }
         logits, *presents = session.run(None, feeds)
@@ -263,8 +264,9 @@ def test_a_gpt_neox_checkpoint_exports_as_one_head(tiny_gpt_neox_dir, tmp_path, 
         "input_ids": ids.numpy(),
         "attention_mask": np.ones((1, 5), np.int64),
         "position_ids": np.arange(5)[None],
+        "logits_to_keep": np.arange(5),
     }
-    feeds.update({name: np.zeros((1, 4, 0, 8), np.float32) for name, _, _ in inputs[3:]})
+    feeds.update({name: np.zeros((1, 4, 0, 8), np.float32) for name, _, _ in inputs[4:]})
     logits = ort.InferenceSession(str(out / "model.onnx")).run(["logits"], feeds)[0]
     np.testing.assert_allclose(logits[:, 0], expected, atol=1e-4, rtol=0)
 

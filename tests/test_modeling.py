@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from dynamo_export import DynaMoConfig, DynaMoForCausalLM
@@ -180,10 +182,11 @@ def test_save_writes_safetensors_and_refuses_to_overwrite(saved_base, tmp_path):
 def test_tokenizer_files_travel_with_the_checkpoint(saved_base, tmp_path):
     source = tmp_path / "with_tok"
     tiny_neox().save_pretrained(source)
-    (source / "tokenizer.json").write_text('{"fake": true}')
+    tokenizer = Tokenizer(WordLevel({f"t{i}": i for i in range(8)}, unk_token="t0")).to_str()
+    (source / "tokenizer.json").write_text(tokenizer)
     DynaMoForCausalLM.from_gpt_neox(source).save_pretrained(tmp_path / "a")
     DynaMoForCausalLM.from_pretrained(tmp_path / "a").save_pretrained(tmp_path / "b")
-    assert (tmp_path / "b" / "tokenizer.json").read_text() == '{"fake": true}'
+    assert (tmp_path / "b" / "tokenizer.json").read_text() == tokenizer
 
 
 def test_clear_errors_for_bad_paths_and_mismatched_checkpoints(saved_base, tmp_path):
