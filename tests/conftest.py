@@ -7,6 +7,7 @@ Exporting takes 10-20 s even for them (torch.export), hence session scope.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +159,21 @@ def bpe_models(tmp_path_factory) -> Path:
         root / "t3", out=root / "t3-onnx", cooccurrence=root / "cooc", verify=False, progress=False
     )
     return root
+
+
+@pytest.fixture
+def reuse_tiny_export(monkeypatch, tiny_artifact):
+    """Make export_artifact reuse the session's graph of the tiny DynaMo-T3 model instead of re-exporting it.
+
+    Only valid for exports of tiny_dynamo_dir; every later step (fusion, dtype
+    conversion, verification, manifest, rename) still runs for real.
+    """
+    from converters import artifact
+
+    def export_onnx(model, path, spec, opset):
+        path.parent.mkdir(parents=True)
+        for name in ("model.onnx", "model.onnx.data"):
+            shutil.copyfile(tiny_artifact.out / name, path.parent / name)
+        return path
+
+    monkeypatch.setattr(artifact, "export_onnx", export_onnx)

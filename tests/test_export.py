@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -78,23 +77,6 @@ def graph_io(path: Path) -> tuple[list, list]:
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture
-def reuse_tiny_export(monkeypatch, tiny_artifact):
-    """Make export_artifact reuse the session's graph of the tiny DynaMo-T3 model instead of re-exporting it.
-
-    Only valid for exports of tiny_dynamo_dir; every later step (fusion, dtype
-    conversion, verification, manifest, rename) still runs for real.
-    """
-
-    def export_onnx(model, path, spec, opset):
-        path.parent.mkdir(parents=True)
-        for name in ("model.onnx", "model.onnx.data"):
-            shutil.copyfile(tiny_artifact.out / name, path.parent / name)
-        return path
-
-    monkeypatch.setattr(artifact, "export_onnx", export_onnx)
 
 
 # -- the graph --------------------------------------------------------------------------------------

@@ -128,16 +128,7 @@ def test_the_heldout_perplexities_are_reported_next_to_fp32(int4):
 
 
 @pytest.mark.slow
-def test_fp32_heldout_perplexity_equals_the_model(
-    tiny_dynamo_dir, heldout, tmp_path, monkeypatch, tiny_artifact
-):
-    def export_onnx(model, path, spec, opset):
-        path.parent.mkdir(parents=True)
-        for name in ("model.onnx", "model.onnx.data"):
-            shutil.copyfile(tiny_artifact.out / name, path.parent / name)
-        return path
-
-    monkeypatch.setattr(artifact, "export_onnx", export_onnx)
+def test_fp32_heldout_perplexity_equals_the_model(tiny_dynamo_dir, heldout, tmp_path, reuse_tiny_export):
     result = export_artifact(
         tiny_dynamo_dir,
         out=tmp_path / "fp32",

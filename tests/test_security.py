@@ -913,21 +913,8 @@ def test_fuzz_graph_reading_raises_only_typed_errors(art, tmp_path_factory, cut,
 # -- the exporter --------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def reused_graph(monkeypatch, art):
-    """export_artifact reuses the session's traced graph; every later step runs for real."""
-
-    def export_onnx(model, path, spec, opset):
-        path.parent.mkdir(parents=True)
-        for name in ("model.onnx", "model.onnx.data"):
-            shutil.copyfile(art / name, path.parent / name)
-        return path
-
-    monkeypatch.setattr(artifact, "export_onnx", export_onnx)
-
-
 def test_an_exporter_killed_while_writing_the_graph_leaves_the_old_artifact_and_no_temp(
-    tiny_dynamo_dir, tmp_path, monkeypatch, reused_graph
+    tiny_dynamo_dir, tmp_path, monkeypatch, reuse_tiny_export
 ):
     out = tmp_path / "art"
     export_artifact(tiny_dynamo_dir, out=out, verify=False, progress=False)

@@ -235,21 +235,8 @@ def test_signing_with_an_unsupported_key_is_a_typed_error(tiny_artifact, keys, t
         sign_artifact(root, keys["rsa"][0])
 
 
-@pytest.fixture
-def reused_graph(monkeypatch, tiny_artifact):
-    """export_artifact reuses the session's traced graph; every later step runs for real."""
-
-    def export_onnx(model, path, spec, opset):
-        path.parent.mkdir(parents=True)
-        for name in ("model.onnx", "model.onnx.data"):
-            shutil.copyfile(tiny_artifact.out / name, path.parent / name)
-        return path
-
-    monkeypatch.setattr(artifact, "export_onnx", export_onnx)
-
-
 def test_dynamo_export_sign_and_dynamo_generate_require_signature(
-    tiny_dynamo_dir, keys, tmp_path, reused_graph, capsys
+    tiny_dynamo_dir, keys, tmp_path, reuse_tiny_export, capsys
 ):
     out = tmp_path / "art"
     code = export_main(
