@@ -7,7 +7,8 @@ Modes (runtime/config.py):
 - verify: heads 2..n draft the tokens after the one head 1 just chose; the next
   pass feeds [chosen, drafts...] and head 1 checks every draft at its position
   with speculative-sampling acceptance, so the output is distributed exactly as
-  `ar`'s. Slots of rejected drafts stay in the cache, masked out.
+  `ar`'s. Slots of rejected drafts stay in the cache, masked out, until they
+  are an eighth of it; then one copy drops them (GraphSession.compact).
 
 `Decoder.run()` yields the tokens each pass accepts, so `generate` and
 `stream` share one code path. Timings split every pass into ONNX Runtime time
@@ -29,6 +30,12 @@ from runtime.session import Deadline, GraphSession
 from runtime.stats import GenerationStats
 from runtime.tokensets import SeenTokens, tokens_plus
 from runtime.verify import Draft, Verifier
+
+# Verify leaves ~1 masked slot per pass. Dropping them costs one copy of the cache; keeping them
+# costs every later pass. At 256 new tokens on the reference model (1 thread) compacting once
+# they are an eighth of the cache measured 3-5% faster than never; at 64 tokens, within noise.
+COMPACT_SHARE = 8  # compact when dead slots >= slots / COMPACT_SHARE ...
+COMPACT_MIN_DEAD = 4  # ... and at least this many
 
 
 class Decoder:
@@ -164,6 +171,9 @@ class Decoder:
         if rejected:
             self.cache.live[-rejected:] = bytes(rejected)
             self.next_position -= rejected
+            dead = self.cache.slots - self.next_position
+            if dead >= COMPACT_MIN_DEAD and dead * COMPACT_SHARE >= self.cache.slots:
+                self.session.compact(self.cache)
         self.draft = self._draft(logits[:, first + verdict.accepted], list(verdict.tokens))
         return list(verdict.tokens)
 

@@ -186,6 +186,21 @@ class GraphSession:
             values = [self._to_device(v) for v in values]
         return KVCache(keys, values, bytearray())
 
+    def compact(self, cache: KVCache) -> None:
+        """Drop the slots of rejected drafts from `cache`, one copy of the live ones per tensor.
+
+        Masked slots cost every later pass their share of the cache concatenation and the
+        attention, and verify leaves about one per pass; the decoding loop calls this once they
+        are a fixed share of the cache (runtime/generation.py). A cache held in ORT's device
+        buffers (IO binding) keeps its masked slots: gathering there would need a graph of its own.
+        """
+        if self.io_binding or all(cache.live):
+            return
+        keep = np.flatnonzero(np.frombuffer(bytes(cache.live), dtype=np.uint8))
+        cache.keys[:] = [np.take(key, keep, axis=2) for key in cache.keys]
+        cache.values[:] = [np.take(value, keep, axis=2) for value in cache.values]
+        cache.live[:] = b"\x01" * keep.size
+
     def _to_device(self, array: np.ndarray):
         return ort.OrtValue.ortvalue_from_numpy(array, self._device, self._device_id)
 
