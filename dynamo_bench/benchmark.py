@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dynamo_bench import latency, prompts, quality, speculative
+from dynamo_bench import ablation, latency, prompts, quality, speculative
 from dynamo_bench.env import environment_record
 from dynamo_bench.errors import BenchError
 from dynamo_bench.extras import Skipped, unavailable
@@ -49,6 +49,7 @@ class BenchOptions:
     baseline: str | None = None  # the base model's checkpoint directory
     judge: str | None = None  # artifact or checkpoint; default: the baseline, else the artifact's head 1
     tolerance: float = 0.05
+    ablation: float | None = None  # eps_b of the Table 9 variants (dynamo_bench/ablation.py); None: not run
     progress: bool = True
     skipped: tuple[Skipped, ...] = ()  # parts the caller already knows it cannot run (the CLI's plot)
 
@@ -61,6 +62,8 @@ class BenchOptions:
             problems.append("--modes dynamic needs at least one --eps-b value")
         if bad := [e for e in self.eps_b if not 0 <= e <= 1]:
             problems.append(f"--eps-b values {bad} must lie in [0, 1]")
+        if self.ablation is not None and not 0 <= self.ablation <= 1:
+            problems.append(f"--ablation {self.ablation} must lie in [0, 1] (an eps_b)")
         if self.max_new_tokens < 1 or self.repeats < 1 or self.warmup < 0:
             problems.append("--max-new-tokens and --repeats must be >= 1 and --warmup >= 0")
         if not self.seeds:
@@ -108,6 +111,13 @@ def _runtime_runners(options: BenchOptions, rt: DynaMoRuntime) -> tuple[dict, di
         configs["verify"] = base.replace(mode="verify")  # drafts from the conditioned joint
         if base.alpha_c != 0 and rt.masks is not None:  # the comparison: drafts from the marginals
             configs["verify alpha_c=0"] = base.replace(mode="verify", alpha_c=0.0)
+    if options.ablation is not None:
+        if heads == 1 or rt.masks is None:
+            raise BenchError(
+                f"--ablation compares dynamic mode with and without co-occurrence masks: {options.artifact} "
+                "needs 2+ token heads and masks (dynamo-export --cooccurrence DIR)"
+            )
+        configs.update(ablation.configs(base, options.ablation))
     meta = {
         k: {
             "kind": "runtime",
@@ -222,7 +232,8 @@ def run_benchmark(options: BenchOptions) -> dict:
         }
     lat = {k: r["latency"] for k, r in runs.items()}
     speedups = latency.speedups(lat, [r for r in ("ar", "optimum", "pytorch") if r in runs])
-    sweep = [k for k, r in runs.items() if r["kind"] == "runtime"]
+    # The same-quality speed-up picks among the modes a user runs, not the ablation's variants.
+    sweep = [k for k, r in runs.items() if r["kind"] == "runtime" and not ablation.is_ablation(k)]
     tokens_per_pass = {k: r["latency"]["tokens_per_pass"] for k, r in runs.items()}
     qualities = {k: r["quality"] for k, r in runs.items()}
     in_domain = [p for p in chosen if p.set_name == "in-domain"]
@@ -238,6 +249,7 @@ def run_benchmark(options: BenchOptions) -> dict:
             "warmup": options.warmup,
             "seeds": list(options.seeds),
             "eps_b": list(options.eps_b),
+            "ablation_eps_b": options.ablation,
             "modes": list(options.modes),
             "baseline": options.baseline,
             "judge": judge.name,
@@ -257,6 +269,9 @@ def run_benchmark(options: BenchOptions) -> dict:
         ),
         "ppl_d": quality.ppl_d(
             qualities, sweep, quality.reference_ppl(in_domain, score) if in_domain else None
+        ),
+        "ablation": (
+            ablation.summarise(runs, speedups, options.ablation) if options.ablation is not None else None
         ),
     }
 

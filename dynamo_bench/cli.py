@@ -21,7 +21,7 @@ from dynamo_bench.benchmark import MODES, BenchOptions, run_benchmark
 from dynamo_bench.compare import compare_markdown, load_results
 from dynamo_bench.errors import BenchError
 from dynamo_bench.extras import INSTALL, NEEDS, missing_modules, unavailable
-from dynamo_bench.report import bench_markdown, plot_speedup_vs_quality, scale_markdown
+from dynamo_bench.report import bench_markdown, plot_emission_shares, plot_speedup_vs_quality, scale_markdown
 from dynamo_bench.sizes import PYTHIA
 from runtime.atomic import atomic_write_json, atomic_write_text
 from runtime.contract import DEVICES
@@ -81,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the full result here (atomically)")
     p.add_argument("--markdown", help="write the markdown tables here (atomically)")
     p.add_argument("--plot", help="write the speed-up vs judged perplexity plot here (PNG)")
+    p.add_argument(
+        "--plot-shares", help="write the share of passes emitting 1/2/3 tokens vs eps_b here (PNG, Fig. 5)"
+    )
+    p.add_argument(
+        "--ablation",
+        type=float,
+        metavar="EPS_B",
+        help="also run the paper's Table 9 variants (CO/AT/G3 on and off) in dynamic mode at this eps_b",
+    )
     p.add_argument("--scale", action="store_true", help="random-weight Pythia sizes: export and step time")
     p.add_argument(
         "--scale-sizes", type=_words, default=tuple(PYTHIA), help=f"subset of {','.join(PYTHIA)} for --scale"
@@ -109,8 +118,10 @@ def _check_modes(parser: argparse.ArgumentParser, args) -> None:
         parser.error("give --artifact DIR, --scale (the model-size table) or --compare A.json B.json ...")
     if len(chosen) > 1:
         parser.error(f"--{' and --'.join(chosen)} are separate jobs: give one of them")
-    if args.plot and not args.artifact:
-        parser.error("--plot draws the artifact benchmark; --scale and --compare have no plot")
+    if (args.plot or args.plot_shares) and not args.artifact:
+        parser.error(
+            "--plot and --plot-shares draw the artifact benchmark; --scale and --compare have no plot"
+        )
     if args.compare and args.json:
         parser.error("--compare renders existing results: drop --json (use --markdown FILE)")
 
@@ -143,7 +154,14 @@ def main(argv: list[str] | None = None) -> None:
             )
             markdown = scale_markdown(result)
         else:
-            no_plot = unavailable("plot", f"--plot {args.plot}") if args.plot else None
+            plots = [
+                (flag, path)
+                for flag, path in (("--plot", args.plot), ("--plot-shares", args.plot_shares))
+                if path
+            ]
+            no_plot = (
+                unavailable("plot", " and ".join(f"{flag} {path}" for flag, path in plots)) if plots else None
+            )
             options = BenchOptions(
                 artifact=args.artifact,
                 provider=args.provider,
@@ -159,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
                 seeds=args.seeds,
                 baseline=args.baseline,
                 judge=args.judge,
+                ablation=args.ablation,
                 progress=not args.no_progress,
                 skipped=(no_plot,) if no_plot else (),
             )
@@ -168,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
             markdown = bench_markdown(result)
             if args.plot and not no_plot:
                 plot_speedup_vs_quality(result, args.plot)
+            if args.plot_shares and not no_plot:
+                plot_emission_shares(result, args.plot_shares)
     except _expected_errors() as exc:  # evaluated when an exception arrives, after the imports ran
         print(f"dynamo-bench: error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -10,11 +10,13 @@ import io
 import os
 from pathlib import Path
 
+from dynamo_bench import ablation
 from runtime.atomic import atomic_write_bytes
 
 __all__ = [
     "bench_markdown",
     "device_line",
+    "plot_emission_shares",
     "plot_speedup_vs_quality",
     "scale_markdown",
 ]
@@ -331,6 +333,9 @@ def bench_markdown(result: dict) -> str:
     ]
     if result.get("ppl_d") and result["ppl_d"]["ppl_d"]:
         parts += ["## PPL_d over held-out prefixes", "", ppl_d_section(result), ""]
+    if result.get("ablation"):
+        ar_ppl = result["runners"]["ar"]["quality"]["by_set"]["all"]["judged_ppl"]
+        parts += [ablation.markdown(result["ablation"], ar_ppl), ""]
     parts += ["## Definitions", "", DEFINITIONS]
     return "\n".join(parts)
 
@@ -405,9 +410,7 @@ def plot_speedup_vs_quality(result: dict, path: str | os.PathLike) -> Path:
     ppl = {k: r["quality"]["by_set"]["all"]["judged_ppl"] for k, r in runners.items()}
     speed = {k: result["speedups"][k]["vs_ar"] for k in runners}
     tpp = {k: r["latency"]["tokens_per_pass"] for k, r in runners.items()}
-    dynamic = sorted(
-        (k for k, r in runners.items() if r["mode"] == "dynamic"), key=lambda k: runners[k]["eps_b"]
-    )
+    dynamic = _dynamic_sweep(runners)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, y, ylabel in (
         (axes[0], speed, "wall-clock speed-up vs ar"),
@@ -434,6 +437,42 @@ def plot_speedup_vs_quality(result: dict, path: str | os.PathLike) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"DynaMo speed vs quality — {Path(result['environment']['artifact']).name}")
+    return _save(fig, plt, path)
+
+
+def plot_emission_shares(result: dict, path: str | os.PathLike) -> Path:
+    """The paper's Fig. 5: the share of dynamic passes emitting 1, 2, ... tokens, against eps_b."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runners = result["runners"]
+    dynamic = _dynamic_sweep(runners)
+    eps = [runners[k]["eps_b"] for k in dynamic]
+    counts = sorted({int(n) for k in dynamic for n in runners[k]["latency"]["emission_share"]})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for n in counts:
+        shares = [runners[k]["latency"]["emission_share"].get(str(n), 0.0) for k in dynamic]
+        ax.plot(eps, shares, "o-", label=f"{n} token{'s' if n > 1 else ''} per pass")
+    ax.set_xlabel("eps_b (back-off: higher = more cautious)")
+    ax.set_ylabel("share of passes")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Emissions per pass (Fig. 5) — {Path(result['environment']['artifact']).name}")
+    return _save(fig, plt, path)
+
+
+def _dynamic_sweep(runners: dict) -> list[str]:
+    """The dynamic runners of the eps_b sweep (not the ablation's variants), by eps_b."""
+    return sorted(
+        (k for k, r in runners.items() if r["mode"] == "dynamic" and not ablation.is_ablation(k)),
+        key=lambda k: runners[k]["eps_b"],
+    )
+
+
+def _save(fig, plt, path: str | os.PathLike) -> Path:
     fig.tight_layout()
     png = io.BytesIO()
     try:

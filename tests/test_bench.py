@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import GPTNeoXForCausalLM
 
-from dynamo_bench import latency, quality, scale
-from dynamo_bench.benchmark import BenchOptions
+from dynamo_bench import ablation, latency, quality, scale
+from dynamo_bench.benchmark import BenchOptions, run_benchmark
 from dynamo_bench.cli import main
 from dynamo_bench.errors import BenchError
 from dynamo_bench.latency import Call, Sample
@@ -72,6 +72,10 @@ def bench(models, tmp_path_factory):
             str(out / "bench.md"),
             "--plot",
             str(out / "plot.png"),
+            "--plot-shares",
+            str(out / "shares.png"),
+            "--ablation",
+            "0.5",
             "--no-progress",
         ]
     )
@@ -101,6 +105,7 @@ def test_cli_writes_every_figure(bench):
         "dynamic eps_b=0.8",
         "verify",
         "verify alpha_c=0",
+        *(f"ablation {name}" for name in ablation.VARIANTS),
         "optimum",
         "pytorch",
     ]
@@ -148,12 +153,46 @@ def test_cli_writes_every_figure(bench):
     greedy = result["greedy_verify_equals_ar"]
     assert greedy["prompts"] == len(PAPER_PROMPTS) + 2 and greedy["equal"] == greedy["prompts"]
     assert (bench / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (bench / "shares.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (bench / "bench.md").read_text()
     assert "| dynamic eps_b=0.2 |" in markdown and "Same-quality wall-clock speed-up" in markdown
     assert (
         "| verify alpha_c=0 | 0 |" in markdown
         and "Greedy verify equals greedy ar token for token" in markdown
     )
+
+
+@pytest.mark.slow
+def test_ablation_runs_each_table_9_variant_with_its_settings(bench):
+    """--ablation 0.5: one dynamic runner per variant, configured as the variant says, summarised
+    from its own runner's figures, kept out of the same-quality pick, and tabled in the markdown."""
+    result = json.loads((bench / "bench.json").read_text())
+    section = result["ablation"]
+    assert section["eps_b"] == 0.5 and list(section["variants"]) == list(ablation.VARIANTS)
+    for name, variant in section["variants"].items():
+        run = result["runners"][f"ablation {name}"]
+        assert run["mode"] == "dynamic" and run["eps_b"] == 0.5
+        for field, value in ablation.VARIANTS[name].items():
+            assert run["sampling"][field] == value, (name, field)
+        assert run["sampling"]["static_threshold"] == 0.0
+        assert variant["tokens_per_pass"] == run["latency"]["tokens_per_pass"]
+        assert variant["judged_ppl"] == run["quality"]["by_set"]["all"]["judged_ppl"]
+        assert sum(variant["emission_share"].values()) == pytest.approx(1)
+        emitted = sum(int(k) * v for k, v in variant["emission_share"].items())
+        assert 1 <= emitted <= 3
+    assert not result["same_quality"]["wall_clock"]["runner"].startswith("ablation")
+    assert not any(k.startswith("ablation") for k in result["ppl_d"]["ppl_d"])
+    markdown = (bench / "bench.md").read_text()
+    assert "## Ablation (the paper's Table 9) at eps_b = 0.5" in markdown
+    assert "| CO+AT+G3 |" in markdown and "| 2.57× | 0.98 |" in markdown
+
+
+def test_ablation_needs_an_eps_b_and_a_multi_head_artifact_with_masks(models):
+    with pytest.raises(BenchError, match=r"--ablation 1.5 must lie in \[0, 1\]"):
+        BenchOptions(artifact="x", ablation=1.5).validate()
+    one_head = BenchOptions(artifact=str(models / "base-onnx"), modes=("ar",), ablation=0.5, progress=False)
+    with pytest.raises(BenchError, match="needs 2\\+ token heads and masks"):
+        run_benchmark(one_head)
 
 
 @pytest.mark.slow
