@@ -40,5 +40,16 @@ reference-data: $(STAMP)
 reference-model: $(STAMP)
 	$(BIN)/python -m scripts.reference_model
 
+# The README's benchmark of the shipped model (about 20 min on 2 cores; run it on an idle machine):
+# ar, dynamic over the eps_b sweep, verify, the Table 9 ablation, Optimum and PyTorch, 1 thread.
+BENCH_EPS := 0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1
+bench: $(STAMP)
+	test -f out/reference-t3-onnx/manifest.json || $(BIN)/python -m scripts.run_main
+	test -d data/reference/corpus/heldout || $(BIN)/python -m scripts.reference_data
+	$(BIN)/dynamo-bench --artifact out/reference-t3-onnx --baseline artifacts/reference-base \
+		--in-domain data/reference/corpus/heldout --threads 1 --repeats 3 --eps-b $(BENCH_EPS) --ablation 0.5 \
+		--json docs/bench-reference.json --markdown docs/bench-reference.md \
+		--plot docs/speedup_vs_quality.png --plot-shares docs/emission_shares.png
+
 clean:
 	rm -rf out work .pytest_cache .ruff_cache
