@@ -49,6 +49,14 @@ decides how the final artifact is laid out.
     2.3 ms for the 3 rows of a 1-token pass (3 heads) and 4.5 ms for the 9 of
     a 3-token pass (fp32's MatMul 5.9 and 7.3 ms), so computing only the logit
     rows a mode needs (issue 17, item 2) is what brings it down.
+  * Measured and not shipped: the unembedding as dynamic int8 (MatMulInteger) and the rest int4
+    brings the 3-token pass to 1.31-1.39x the 1-token pass (6.4 vs 8.5 ms; 1-token 4.8 ms, as
+    int4's; 0.19x fp32's size). But dynamic quantization scales the activations per tensor,
+    over every row a pass feeds, so a position's logits depend on the rows beside it and
+    verify no longer reproduces ar on that graph (greedy diverged after 24 tokens on the test
+    model). MatMulNBits keeps rows apart (per-row blocks at accuracy level 4); its 8-bit form
+    does too but runs slower than int4 (6.2 ms 1-token, 9.5 ms 3-token). Both at the
+    Pythia-70M shape, 1 thread, 128 tokens of past.
   * The quantizer writes the embedding as a uint4 tensor, which needs ONNX
     opset 21, and raises the default domain's opset to 21 when it is lower.
     Between opsets 18 and 21 the operators of this graph only gained element
