@@ -4,6 +4,7 @@ from runtime.config import SamplingConfig
 from runtime.cooccurrence import CooccurrenceMask
 from runtime.engine import DynaMoRuntime, GenerationResult
 from runtime.errors import (
+    ApproximateVerifyWarning,
     ArtifactError,
     ArtifactFileError,
     CooccurrenceFileError,
@@ -20,6 +21,7 @@ from runtime.errors import (
 from runtime.generation import GenerationStats
 
 __all__ = [
+    "ApproximateVerifyWarning",
     "ArtifactError",
     "ArtifactFileError",
     "CooccurrenceFileError",

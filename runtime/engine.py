@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from runtime.artifact_files import read_artifact
 from runtime.bounds import call_memory, check_call_memory
 from runtime.config import SamplingConfig
 from runtime.cooccurrence import CooccurrenceMask
-from runtime.errors import ArtifactError, GenerationTimeout, InputError
+from runtime.errors import ApproximateVerifyWarning, ArtifactError, GenerationTimeout, InputError
 from runtime.fingerprint import check_artifact_masks
 from runtime.generation import Decoder, GenerationStats
 from runtime.graph_checks import check_graph, external_locations
@@ -40,6 +41,11 @@ class GenerationResult:
     text: str | None  # None when the artifact has no tokenizer
     token_ids: list[int]  # the new tokens only
     stats: GenerationStats
+
+
+# Graphs whose logits at one fed position depend on the others fed with it (int8: ORT's dynamic
+# quantization scales activations per tensor); verify on them is close to ar, not equal to it.
+ROW_COUPLED_DTYPES = frozenset({"int8"})
 
 
 class DynaMoRuntime:
@@ -164,6 +170,14 @@ class DynaMoRuntime:
             raise InputError(f"max_new_tokens={str(max_new_tokens)[:40]} must be an integer >= 1")
         _check_seed(seed)
         _check_grid(config, self.manifest.model.num_token_heads)
+        if config.mode == "verify" and self.manifest.graph.dtype in ROW_COUPLED_DTYPES:
+            warnings.warn(
+                f"verify on a {self.manifest.graph.dtype} graph only approximates ar: dynamic quantization "
+                "scales the activations over every fed position, so head 1's logits shift with the drafts "
+                "beside them; export --dtype fp32, fp16 or int4 for verify that samples exactly as ar",
+                ApproximateVerifyWarning,
+                stacklevel=3,
+            )
         deadline = Deadline(time_limit_s)  # tokenizing the prompt counts against the limit too
         try:
             prompt_ids = self._prompt_ids(prompt)

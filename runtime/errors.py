@@ -56,3 +56,8 @@ class GenerationTimeout(DynaMoRuntimeError):
 
 class TokenizerMismatchError(DynaMoRuntimeError):
     """Two inputs of one command were made with different tokenizers (runtime/fingerprint.py)."""
+
+
+class ApproximateVerifyWarning(UserWarning):
+    """verify runs on a graph whose logits at a position depend on the other positions fed with it
+    (int8: dynamic quantization scales activations per tensor), so it only approximates `ar`."""

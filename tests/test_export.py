@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from converters.optimize import save_onnx
 from converters.verify import verify_graph
 from dynamo_export import DynaMoForCausalLM
 from dynamo_export.errors import CheckpointError
+from runtime import ApproximateVerifyWarning, DynaMoRuntime
 from runtime.config import SamplingConfig
 from runtime.contract import TensorSpec
 from runtime.manifest import read_manifest, verify_files
@@ -264,6 +266,13 @@ def test_int8_reports_its_own_parity_figures(tiny_dynamo_dir, tmp_path, reuse_ti
     )
     ops = {node.op_type for node in onnx.load(str(result.out / "model.onnx")).graph.node}
     assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"}, "no quantized MatMul in the int8 graph"
+    # dynamic quantization couples the fed rows: verify on int8 says it only approximates ar
+    rt = DynaMoRuntime.load(result.out)
+    with pytest.warns(ApproximateVerifyWarning, match="--dtype fp32, fp16 or int4"):
+        rt.generate([1, 2, 3], 4, rt.default_config.replace(mode="verify"), seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ApproximateVerifyWarning)
+        rt.generate([1, 2, 3], 4, rt.default_config.replace(mode="ar"), seed=0)
     verification = manifest.verification
     assert verification["tolerance"]["min_top1"] == 0.9 and verification["tolerance"]["max_abs_diff"] is None
     assert len(verification["top1_agreement"]) == TINY_HEADS
