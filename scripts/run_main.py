@@ -46,7 +46,9 @@ def main() -> int:
     print(
         f"\nONNX Runtime on its default threads ({os.cpu_count()} CPUs here), each mode after one untimed call;"
     )
-    print("docs/bench-reference.md is the full benchmark (1 thread, 20 prompts x 3 seeds, 5 rounds).")
+    print(
+        "docs/bench-reference.md is the full benchmark (make bench: 1 thread, 20 prompts x 3 seeds, 3 rounds)."
+    )
     print(f"\n{'mode':<20} {'tokens/pass':>11} {'tokens/s':>9} {'decode tok/s':>12} {'sampling/ORT':>12}")
     for name, config in MODES:
         # warm-up: ORT's arenas, the sampler's first steps and Python's specialised bytecode
