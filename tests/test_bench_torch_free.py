@@ -235,7 +235,8 @@ def test_compare_rejects_what_it_cannot_read(tmp_path, capsys):
     [
         (["--artifact", "a", "--compare", "x.json", "y.json"], "separate jobs"),
         (["--compare", "x.json", "y.json", "--json", "z.json"], "drop --json"),
-        (["--compare", "x.json", "y.json", "--plot", "p.png"], "--plot draws the artifact benchmark"),
+        (["--compare", "x.json", "y.json", "--plot", "p.png"], "--plot and --plot-shares draw the artifact"),
+        (["--scale", "--plot-shares", "p.png"], "--plot and --plot-shares draw the artifact"),
         ([], "give --artifact DIR, --scale"),
     ],
 )
