@@ -49,10 +49,13 @@ def summarise(runs: dict, speedups: dict, eps_b: float) -> dict:
     for name, fields in VARIANTS.items():
         run = runs[PREFIX + name]
         quality = run["quality"]["by_set"]["all"]
+        judged = run["quality"]["by_set"].get("in-domain", {})  # MAUVE needs the human continuations
         variants[name] = {
             "settings": fields,
             "tokens_per_pass": run["latency"]["tokens_per_pass"],
             "wall_clock_vs_ar": speedups[PREFIX + name]["vs_ar"],
+            "mauve": judged.get("mauve"),
+            "self_bleu": judged.get("self_bleu"),
             "judged_ppl": quality["judged_ppl"],
             "distinct_2": quality["distinct_2"],
             "seq_rep_4": quality["seq_rep_4"],
@@ -66,15 +69,16 @@ def markdown(section: dict, ar_ppl: float | None) -> str:
     rows = [
         f"## Ablation (the paper's Table 9) at eps_b = {section['eps_b']:g}",
         "",
-        "| variant | tokens / pass | wall-clock vs ar | judged PPL | distinct-2 | seq-rep-4 "
+        "| variant | tokens / pass | wall-clock vs ar | MAUVE | self-BLEU | judged PPL | distinct-2 | seq-rep-4 "
         "| emitting 1 / 2 / 3 | paper: speed-up | paper: win rate |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, v in section["variants"].items():
         shares = " / ".join(f"{v['emission_share'].get(str(k), 0.0):.0%}" for k in (1, 2, 3))
         paper = section["paper"]["variants"].get(name, {})
         rows.append(
-            f"| {name} | {v['tokens_per_pass']:.2f} | {v['wall_clock_vs_ar']:.2f}× | {_num(v['judged_ppl'])} "
+            f"| {name} | {v['tokens_per_pass']:.2f} | {v['wall_clock_vs_ar']:.2f}× | {_num(v['mauve'], digits=3)} "
+            f"| {_num(v['self_bleu'], digits=3)} | {_num(v['judged_ppl'])} "
             f"| {_num(v['distinct_2'])} | {_num(v['seq_rep_4'])} | {shares} "
             f"| {_num(paper.get('speedup'), '×')} | {_num(paper.get('win_rate'))} |"
         )
@@ -83,11 +87,11 @@ def markdown(section: dict, ar_ppl: float | None) -> str:
         f"CO: co-occurrence weighting (alpha_c 1, CO-0.5: 0.5); AT: Otsu's adaptive threshold; G3: Gaussian blur "
         f"sigma 3 before it. ar's judged PPL in this run: {_num(ar_ppl)}. The paper's columns are Pythia-6.9B at "
         "eps_b 0.5 judged by GPT-4's win rate against the base model, as docs/METHOD.md quotes them (its "
-        "'no masking' row is AT+G3; CO-0.5 and 'none' are ours); ours are judged by perplexity under the judge model, lower is not better when "
-        "distinct-2 falls with it.",
+        "'no masking' row is AT+G3; CO-0.5 and 'none' are ours). Ours: MAUVE and self-BLEU on the in-domain prompts "
+        "(dynamo_bench/judges.py), judged PPL over all prompts (lower is not better when distinct-2 falls with it).",
     ]
     return "\n".join(rows)
 
 
-def _num(value, suffix: str = "") -> str:
-    return "–" if value is None else f"{value:.2f}{suffix}"
+def _num(value, suffix: str = "", digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}{suffix}"

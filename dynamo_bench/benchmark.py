@@ -7,7 +7,8 @@ The steps (each in its own module):
    where torch (and Optimum) are installed: elsewhere they are skipped and the result says so
    (`skipped`, extras.py);
 3. timing (latency.py): warm-up, then interleaved rounds over prompts x seeds;
-4. quality (quality.py): the judge scores the first round's generations;
+4. quality (quality.py, judges.py): the first round's generations, judged by perplexity under the
+   judge model, by MAUVE against the human continuations and by self-BLEU, each per seed;
 5. derived figures: speed-ups, the same-quality speed-up, PPL_d, verify's speculative figures and
    its greedy agreement with ar (speculative.py); plus the environment record (env.py).
 The result is one JSON-ready dictionary; report.py turns it into markdown and a plot.
@@ -19,7 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dynamo_bench import ablation, latency, prompts, quality, speculative
+from tqdm.auto import tqdm
+
+from dynamo_bench import ablation, judges, latency, prompts, quality, speculative
 from dynamo_bench.env import environment_record
 from dynamo_bench.errors import BenchError
 from dynamo_bench.extras import Skipped, unavailable
@@ -48,7 +51,6 @@ class BenchOptions:
     seeds: tuple[int, ...] = (0, 1, 2)
     baseline: str | None = None  # the base model's checkpoint directory
     judge: str | None = None  # artifact or checkpoint; default: the baseline, else the artifact's head 1
-    tolerance: float = 0.05
     ablation: float | None = None  # eps_b of the Table 9 variants (dynamo_bench/ablation.py); None: not run
     progress: bool = True
     skipped: tuple[Skipped, ...] = ()  # parts the caller already knows it cannot run (the CLI's plot)
@@ -146,6 +148,8 @@ class _Plan:
     pytorch: bool  # the PyTorch baseline
     optimum: bool  # the Optimum baseline
     torch_judge: bool  # judge with a checkpoint in PyTorch (--judge CHECKPOINT, or the baseline)
+    mauve: bool  # MAUVE against the human continuations (judges.py)
+    self_bleu: bool
     skipped: tuple[Skipped, ...]
 
 
@@ -166,7 +170,10 @@ def _plan(options: BenchOptions) -> _Plan:
         if no_torch is not None:
             torch_judge = False
             skipped.append(no_torch)
-    return _Plan(pytorch, optimum, torch_judge, tuple(skipped))
+    no_mauve = unavailable("mauve", "MAUVE against the human continuations")
+    no_self_bleu = unavailable("self_bleu", "self-BLEU")
+    skipped += [s for s in (no_mauve, no_self_bleu) if s is not None]
+    return _Plan(pytorch, optimum, torch_judge, no_mauve is None, no_self_bleu is None, tuple(skipped))
 
 
 def _judge(options: BenchOptions, plan: _Plan, base_model):
@@ -219,15 +226,28 @@ def run_benchmark(options: BenchOptions) -> dict:
     )
     judge = _judge(options, plan, base_model)
     score = quality.Scorer(judge)
+    in_domain = [p for p in chosen if p.set_name == "in-domain"]
+    text_judges = (
+        judges.TextJudges(
+            lambda ids: rt.tokenizer.decode(list(ids)),
+            {"in-domain": [p.reference for p in in_domain]} if in_domain else {},
+            mauve=plan.mauve,
+            self_bleu=plan.self_bleu,
+        )
+        if plan.mauve or plan.self_bleu
+        else None
+    )
 
     runs = {}
-    for label, calls in measured.calls.items():
+    for label, calls in tqdm(
+        measured.calls.items(), desc="judge", unit="runner", disable=not options.progress
+    ):
         runs[label] = {
             **meta[label],
             "latency": latency.summarize(
                 calls, measured.peak_rss_bytes[label], measured.rss_growth_bytes[label]
             ),
-            "quality": quality.quality_of(calls, chosen, score),
+            "quality": quality.quality_of(calls, chosen, score, text_judges),
             "calls": _call_records(calls, rt.tokenizer),
         }
     lat = {k: r["latency"] for k, r in runs.items()}
@@ -236,7 +256,6 @@ def run_benchmark(options: BenchOptions) -> dict:
     sweep = [k for k, r in runs.items() if r["kind"] == "runtime" and not ablation.is_ablation(k)]
     tokens_per_pass = {k: r["latency"]["tokens_per_pass"] for k, r in runs.items()}
     qualities = {k: r["quality"] for k, r in runs.items()}
-    in_domain = [p for p in chosen if p.set_name == "in-domain"]
     return {
         "schema": SCHEMA,
         "environment": {
@@ -253,7 +272,6 @@ def run_benchmark(options: BenchOptions) -> dict:
             "modes": list(options.modes),
             "baseline": options.baseline,
             "judge": judge.name,
-            "tolerance": options.tolerance,
             "prompt_counts": {
                 s: sum(p.set_name == s for p in chosen) for s in dict.fromkeys(p.set_name for p in chosen)
             },
@@ -262,7 +280,7 @@ def run_benchmark(options: BenchOptions) -> dict:
         "skipped": [s.to_dict() for s in plan.skipped],
         "runners": runs,
         "speedups": speedups,
-        "same_quality": quality.same_quality(qualities, speedups, tokens_per_pass, sweep, options.tolerance),
+        "same_quality": quality.same_quality(qualities, speedups, tokens_per_pass, sweep),
         "speculative": speculative.figures(runs, speedups),
         "greedy_verify_equals_ar": (
             speculative.greedy_agreement(rt, chosen, options.max_new_tokens) if "verify" in runs else None

@@ -80,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge", help="artifact or checkpoint that scores generations (default: --baseline)")
     p.add_argument("--json", help="write the full result here (atomically)")
     p.add_argument("--markdown", help="write the markdown tables here (atomically)")
-    p.add_argument("--plot", help="write the speed-up vs judged perplexity plot here (PNG)")
+    p.add_argument(
+        "--plot",
+        help="write quality (MAUVE, self-BLEU, judged PPL) vs wall-clock speed-up here (PNG, Fig. 3)",
+    )
     p.add_argument(
         "--plot-shares", help="write the share of passes emitting 1/2/3 tokens vs eps_b here (PNG, Fig. 5)"
     )

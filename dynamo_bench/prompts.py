@@ -3,11 +3,14 @@
 In-domain prompts are deterministic: the held-out files are read in sorted path
 order, split into paragraphs at blank lines, and only prose paragraphs are kept
 (they start with a letter and hold at least MIN_WORDS words, so reST directives,
-tables and code blocks drop out). N of them are taken evenly spaced over that
-list. A prompt is the paragraph's first `prompt_tokens` tokens (as token ids,
-so no re-tokenisation drifts); the tokens after them are kept as the
-paragraph's true continuation, which the report scores as the reference point
-for judged perplexity ("how likely does the judge find real held-out text").
+tables and code blocks drop out), and of those only the ones long enough for a
+prompt plus a human continuation as long as the generations (`--max-new-tokens`):
+MAUVE compares the two sets of texts, and a length gap alone would separate them.
+N of them are taken evenly spaced over that list. A prompt is the paragraph's
+first `prompt_tokens` tokens (as token ids, so no re-tokenisation drifts); the
+next `reference_tokens` are kept as the paragraph's true continuation: MAUVE's
+human text, and the reference point for judged perplexity ("how likely does
+the judge find real held-out text").
 """
 
 from __future__ import annotations
@@ -93,13 +96,20 @@ def in_domain_prompts(
         raise BenchError(
             f"in-domain prompts need count >= 1 and prompt_tokens >= 1, got {count}, {prompt_tokens}"
         )
+    needed = prompt_tokens + reference_tokens
     paragraphs = prose_paragraphs(root)
-    if len(paragraphs) < count:
-        raise BenchError(f"{root} has only {len(paragraphs)} prose paragraphs; ask for at most that many")
-    picks = [round(i * (len(paragraphs) - 1) / max(count - 1, 1)) for i in range(count)]
+    encoded = [e.ids for e in tokenizer.encode_batch(paragraphs)]
+    long_enough = [ids for ids in encoded if len(ids) >= needed]
+    if len(long_enough) < count:
+        raise BenchError(
+            f"{root} has {len(long_enough)} prose paragraphs of at least {needed} tokens ({prompt_tokens} of "
+            f"prompt + {reference_tokens} of human continuation, as long as --max-new-tokens) and {count} were "
+            "asked for: lower --num-in-domain or --max-new-tokens, or give a larger held-out corpus"
+        )
+    picks = [round(i * (len(long_enough) - 1) / max(count - 1, 1)) for i in range(count)]
     prompts = []
     for index in picks:
-        ids = tokenizer.encode(paragraphs[index]).ids
-        head, tail = ids[:prompt_tokens], ids[prompt_tokens : prompt_tokens + reference_tokens]
+        ids = long_enough[index]
+        head, tail = ids[:prompt_tokens], ids[prompt_tokens:needed]
         prompts.append(Prompt("in-domain", tokenizer.decode(head), tuple(head), tuple(tail)))
     return prompts

@@ -29,6 +29,7 @@ from runtime import DynaMoRuntime
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPORT_INSTALL = 'pip install "dynamo-export[export]"'
+JUDGE_INSTALL = 'pip install "dynamo-export[judge]"'
 BLOCKED = ("torch", "transformers", "optimum", "onnx", "onnxscript", "safetensors", "matplotlib")
 
 # Runs dynamo-bench's main(argv) with the PyTorch stack and matplotlib absent; prints the modules of
@@ -109,12 +110,16 @@ def test_bench_runs_without_torch_and_says_what_it_skipped(torch_free_run, bpe_m
         ("optimum", "the Optimum baseline"),
         ("pytorch", "the PyTorch baseline"),
         ("pytorch", f"judging with the checkpoint {bpe_models / 'base'}"),
+        ("mauve", "MAUVE against the human continuations"),  # sentence embeddings need torch
     }
     assert not (out / "plot.png").exists()
     for s in result["skipped"]:
-        assert s["install"] == ("pip install matplotlib" if s["part"] == "plot" else EXPORT_INSTALL)
+        install = {"plot": "pip install matplotlib", "mauve": JUDGE_INSTALL}.get(s["part"], EXPORT_INSTALL)
+        assert s["install"] == install
         assert f"dynamo-bench: note: {s['note']}" in notes
     assert len(notes) == len(result["skipped"])
+    # self-BLEU needs no torch (sacrebleu): it still judges every runner.
+    assert all(r["quality"]["by_set"]["paper"]["self_bleu"] is not None for r in result["runners"].values())
     # The judge falls back to the artifact's own head 1 on ONNX Runtime, and says so.
     assert result["settings"]["judge"] == f"onnx:{bpe_models / 't3-onnx'}"
     assert "the artifact's own head 1 judges instead" in json.dumps(result["skipped"])
@@ -206,7 +211,7 @@ def test_compare_puts_runs_side_by_side(torch_free_run, tmp_path, capsys):
     assert f"| ar | {ar_tps:.1f} | 12.3 |" in markdown
     assert "| dynamic eps_b=0.5 | " in markdown and markdown.count("– |") >= 1  # pi5 lacks the runner
     assert "| 40.00 / 55.50 |" in markdown
-    assert "| skipped | plot, optimum, pytorch | plot, optimum, pytorch |" in markdown
+    assert "| skipped | plot, optimum, pytorch, mauve | plot, optimum, pytorch, mauve |" in markdown
 
 
 def test_compare_rejects_what_it_cannot_read(tmp_path, capsys):
