@@ -1,12 +1,20 @@
 """Training throughput (tokens/s) of a GPT-NeoX / DynaMo model on this machine's CPU.
 
     python -m benchmarks.bench_training [--layers 6 --hidden 256 --heads 8 --seq-len 256 --batch-size 8]
-        [--steps 20] [--threads 1 2] [--token-heads 1 3]
+        [--steps 20] [--threads 1 2] [--token-heads 1 3] [--lr-mb 1e-4 0]
 
 Runs the trainer's own optimizer step (`dynamo_export.training.train_step`:
-forward, modified-CLM loss, backward, clipping, AdamW) on random windows of the
-reference training file (data/reference/train.bin, vocab 8,192), after two
-warm-up steps, and prints min / median tokens/s per (threads, heads) setting.
+forward, modified-CLM loss, one backward per gradient source, clipping, AdamW)
+on random windows of the reference training file (data/reference/train.bin,
+vocab 8,192), after two warm-up steps, and prints min / median tokens/s per
+(threads, heads, LR_MB) setting. LR_MB = 0 and LR_MB > 0 cost differently:
+with LR_MB > 0 heads 2..n's loss is backpropagated through the stem as well
+(docs/METHOD.md, "Training").
+
+Several processes (dynamo_export/distributed.py) are measured by the trainer
+itself: run `torchrun --nproc_per_node=N -m dynamo_export.cli.train ...` with
+the same global --batch-size and OMP_NUM_THREADS=1, and read `tokens_per_s`
+(global batch, all ranks together) from OUT/train_log.jsonl.
 """
 
 from __future__ import annotations
@@ -18,12 +26,12 @@ import time
 import torch
 
 from dynamo_export.tokens import open_tokens
-from dynamo_export.training import TrainConfig, WindowSampler, build_model, build_optimizer, train_step
+from dynamo_export.training import ThreeRateAdamW, TrainConfig, WindowSampler, build_model, train_step
 
 WARMUP_STEPS = 2
 
 
-def measure(args, threads: int, token_heads: int) -> list[float]:
+def measure(args, threads: int, token_heads: int, lr_mb: float) -> list[float]:
     torch.set_num_threads(threads)
     ids, meta = open_tokens(args.train)
     sizes = {
@@ -43,11 +51,11 @@ def measure(args, threads: int, token_heads: int) -> list[float]:
         steps=WARMUP_STEPS + args.steps,
         lr_b=1e-3,
         lr_m=1e-3,
-        lr_mb=1e-4,
+        lr_mb=lr_mb,
     )
     torch.manual_seed(0)
     model = build_model(cfg, meta.vocab_size, meta.eot_id).train()
-    optimizer, _ = build_optimizer(model, cfg)
+    optimizer = ThreeRateAdamW(model, cfg)
     sampler = WindowSampler(ids, cfg.seq_len + token_heads, cfg.batch_size, seed=0)
     speeds = []
     for step in range(cfg.steps):
@@ -69,16 +77,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--token-heads", type=int, nargs="+", default=[1, 3])
+    p.add_argument("--lr-mb", type=float, nargs="+", default=[1e-4, 0.0], help="LR_MB settings (n > 1 only)")
     args = p.parse_args(argv)
     print(
         f"GPT-NeoX {args.layers} layers, width {args.hidden}, {args.heads} attention heads; "
         f"seq {args.seq_len}, batch {args.batch_size}; {args.steps} timed steps"
     )
-    print(f"{'threads':>7} {'n':>3} {'min tok/s':>10} {'median tok/s':>13}")
+    print(f"{'threads':>7} {'n':>3} {'lr_mb':>7} {'min tok/s':>10} {'median tok/s':>13}")
     for threads in args.threads:
         for n in args.token_heads:
-            speeds = measure(args, threads, n)
-            print(f"{threads:>7} {n:>3} {min(speeds):>10.0f} {statistics.median(speeds):>13.0f}", flush=True)
+            for lr_mb in args.lr_mb if n > 1 else args.lr_mb[:1]:  # n = 1 has no LR_MB
+                speeds = measure(args, threads, n, lr_mb)
+                print(
+                    f"{threads:>7} {n:>3} {lr_mb:>7g} {min(speeds):>10.0f} {statistics.median(speeds):>13.0f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

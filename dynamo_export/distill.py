@@ -1,6 +1,21 @@
-"""Self-distillation of heads 2..n towards head 1 (Medusa-2 style), with the gradient kept in the heads.
+"""A training step's two gradient sources, and self-distillation of heads 2..n towards head 1 (Medusa-2 style).
 
-`dynamo-train --distill W` trains head i >= 2 on
+Gradient sources (docs/METHOD.md, "Training"). Each source's gradient is
+that of its own loss only, and each has its own AdamW
+(`training.ThreeRateAdamW`), so a base weight both reach keeps two Adam states:
+
+    head 1:      CE_1            -> base weights: embed_in, stem, head 1, embed_out   (LR_B)
+    heads 2..n:  sum_i>=2 loss_i -> their own decoder layers and layer norms          (LR_M)
+                                    + shared base weights: embed_in, stem, embed_out  (LR_MB, only if > 0)
+
+Each source is one `torch.autograd.grad` over the micro-batch's graph,
+restricted to the parameters it may move, from its own logits
+(`DynaMoForCausalLM.source_logits`: one unembedding MatMul per source), so
+head 1's backward never enters heads 2..n. With LR_MB = 0 the heads' source
+asks for their own weights only, so autograd never runs the stem's backward
+for it nor the unembedding's weight gradient.
+
+Self-distillation (`dynamo-train --distill W`) trains head i >= 2 on
 
     loss_i = (1 - W) * CE_i + W * KL_i,   KL_i = KL(p_1 || p_i) at temperature T
 
@@ -8,17 +23,11 @@ where p_1 is head 1's distribution, detached, at the position that predicts the
 same token as head i (`losses.head1_distillation_kl`). Head 1 keeps its plain
 cross-entropy. Why: in `verify` mode a draft from head i is accepted with
 probability sum_x min(p_1(x), q_i(x)), so a head that matches head 1's
-distribution drafts better than one that only matches the data.
-
-Gradient paths. The cross-entropy terms reach every weight as before (heads
-2..n's share into the stem at the LR_MB rate). The KL term is a statement about
-the heads 2..n only: moving the stem, head 1 or the shared embed_out/embed_in
-towards agreement would change head 1 itself (the teacher), so its gradient is
-taken with `torch.autograd.grad(..., inputs=<heads 2..n's parameters>)` and
-added to their `.grad`. autograd then runs only the nodes between the KL and
-those parameters (the heads' layer norms, decoder layers and the unembedding's
-input side); the stem's nodes and every other parameter's accumulation are
-never executed (tests/test_distill.py hooks them to make sure).
+distribution drafts better than one that only matches the data. The KL term is
+a statement about heads 2..n only: moving the stem, head 1 or the shared
+embed_out/embed_in towards agreement would change head 1 itself (the teacher),
+so its gradient reaches heads 2..n's own weights and nothing else, whatever
+LR_MB is (tests/test_distill.py hooks the stem to make sure).
 """
 
 from __future__ import annotations
@@ -30,9 +39,19 @@ import torch
 from dynamo_export.losses import head1_distillation_kl, multi_token_loss
 
 
-class StepLosses(NamedTuple):
+class GradientSources(NamedTuple):
+    """The parameters each source moves, in the model's parameter order."""
+
+    head1: list[torch.nn.Parameter]  # head 1's loss: every base weight (LR_B)
+    heads: list[torch.nn.Parameter]  # heads 2..n's loss, CE and KL: their own weights (LR_M)
+    shared: list[torch.nn.Parameter]  # heads 2..n's CE: the base weights they read (LR_MB); [] if LR_MB = 0
+
+
+class StepGrads(NamedTuple):
     ce: torch.Tensor  # (n,) detached: head i's mean cross-entropy at index i-1
     kl: torch.Tensor  # (n-1,) detached: KL(p_1 || p_i) for heads 2..n, empty without distillation
+    head1: list[torch.Tensor]  # gradients of `GradientSources.head1`
+    heads: list[torch.Tensor]  # gradients of `GradientSources.heads + GradientSources.shared`
 
 
 def new_head_parameters(model) -> list[torch.nn.Parameter]:
@@ -40,30 +59,47 @@ def new_head_parameters(model) -> list[torch.nn.Parameter]:
     return [p for head in model.heads[1:] for p in head.parameters()]
 
 
-def backward_losses(
-    model, logits: torch.Tensor, tokens: torch.Tensor, distill: float, temperature: float, accum: int = 1
-) -> StepLosses:
-    """Backpropagate the training loss of one micro-batch, divided by `accum`, into `.grad`; return its parts.
+def gradient_sources(model, lr_mb: float) -> GradientSources:
+    """Who moves what: head 1's loss every base weight; heads 2..n's their own and, if LR_MB > 0, the shared."""
+    new = {id(p) for p in new_head_parameters(model)}
+    head1_own = {id(p) for p in model.heads[0].parameters()}
+    base = [p for p in model.parameters() if id(p) not in new]
+    shared = [p for p in base if id(p) not in head1_own] if lr_mb > 0 and new else []
+    return GradientSources(base, new_head_parameters(model), shared)
 
-    distill == 0 is the plain modified-CLM objective (sum of the heads' CE), the
-    exact computation training did before distillation existed.
+
+def source_gradients(
+    first: torch.Tensor,
+    rest: torch.Tensor | None,
+    tokens: torch.Tensor,
+    sources: GradientSources,
+    distill: float,
+    temperature: float,
+    accum: int = 1,
+) -> StepGrads:
+    """Each source's gradient of one micro-batch's loss divided by `accum`, and the loss parts.
+
+    first, rest: head 1's and heads 2..n's logits (`DynaMoForCausalLM.source_logits`;
+    rest is None for n = 1). The graph is freed at the end. distill == 0 is the
+    plain modified-CLM objective: the heads' source is the sum of their CE.
     """
-    ce = multi_token_loss(logits, tokens).per_head  # (n,)
+    ce_1 = multi_token_loss(first[:, None], tokens).per_head  # (1,)
+    head1 = list(torch.autograd.grad(ce_1[0] / accum, sources.head1, retain_graph=rest is not None))
+    if rest is None:
+        if distill > 0:
+            raise ValueError("distillation needs heads 2..n: this model has one head")
+        return StepGrads(ce_1.detach(), ce_1.new_zeros(0), head1, [])
+    ce_later = multi_token_loss(rest, tokens, first_head=2).per_head  # (n-1,)
+    ce = torch.cat([ce_1, ce_later]).detach()
     if distill == 0:
-        (ce.sum() / accum).backward()
-        return StepLosses(ce.detach(), ce.new_zeros(0))
-    if logits.shape[1] < 2:
-        raise ValueError("distillation needs heads 2..n: this model has one head")
-    kl = head1_distillation_kl(logits, temperature)  # (n-1,)
-    params = new_head_parameters(model)
-    # The KL's gradient first, restricted to the heads' own weights; the graph stays for the CE.
-    kl_grads = torch.autograd.grad(kl.sum() * distill / accum, params, retain_graph=True)
-    ce_total = ce[0] + (1.0 - distill) * ce[1:].sum()
-    (ce_total / accum).backward()
-    with torch.no_grad():
-        for param, grad in zip(params, kl_grads, strict=True):
-            if param.grad is None:
-                param.grad = grad.clone()
-            else:
-                param.grad += grad
-    return StepLosses(ce.detach(), kl.detach())
+        heads = torch.autograd.grad(ce_later.sum() / accum, sources.heads + sources.shared)
+        return StepGrads(ce, ce.new_zeros(0), head1, list(heads))
+    kl = head1_distillation_kl(first, rest, temperature)  # (n-1,)
+    mixed = ((1.0 - distill) * ce_later.sum() + distill * kl.sum()) / accum
+    if not sources.shared:  # one pass: everything the heads' source moves is the heads' own
+        heads = torch.autograd.grad(mixed, sources.heads)
+        return StepGrads(ce, kl.detach(), head1, list(heads))
+    # The KL's gradient must stop at the heads' own weights, the CE's goes on into the shared ones.
+    own = torch.autograd.grad(mixed, sources.heads, retain_graph=True)
+    shared = torch.autograd.grad((1.0 - distill) * ce_later.sum() / accum, sources.shared)
+    return StepGrads(ce, kl.detach(), head1, [*own, *shared])

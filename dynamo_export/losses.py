@@ -1,11 +1,12 @@
 """The modified causal-LM objective and the per-head log-likelihoods evaluation needs.
 
-Head i (index i-1 in the logits) at position t predicts token t+i from tokens
-0..t (docs/METHOD.md). Both functions take the logits the model produced for the
-first T tokens and a `tokens` tensor that starts with those T input tokens and
-may run past them: training and evaluation feed windows of T + n tokens so
-that every head has a label at every one of the T positions, while a bare
-`tokens = input_ids` gives the textbook "skip positions without a label".
+Head i (index i-1 in the model's logits) at position t predicts token t+i from
+tokens 0..t (docs/METHOD.md). The loss functions take the logits the model
+produced for the first T tokens and a `tokens` tensor that starts with those T
+input tokens and may run past them: training and evaluation feed windows of
+T + n tokens so that every head has a label at every one of the T positions,
+while a bare `tokens = input_ids` gives the textbook "skip positions without a
+label".
 """
 
 from __future__ import annotations
@@ -39,25 +40,27 @@ def _token_nll(head_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return nll.view(batch, positions)
 
 
-def multi_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> MultiTokenLoss:
+def multi_token_loss(logits: torch.Tensor, tokens: torch.Tensor, first_head: int = 1) -> MultiTokenLoss:
     """Per-head mean of -log p_i(x[t+i] | x[0..t]) over the positions that have a label; total = sum.
 
-    logits: (B, n, T, V); tokens: (B, S) with S >= T and tokens[:, :T] the model input.
-    Head i uses positions t < min(T, S - i); a head left with no position is an error,
-    because silently dropping it would train the other heads only.
+    logits: (B, k, T, V) for heads first_head .. first_head+k-1 (all n heads by
+    default; training passes head 1 and heads 2..n apart); tokens: (B, S) with
+    S >= T and tokens[:, :T] the model input. Head i uses positions
+    t < min(T, S - i); a head left with no position is an error, because
+    silently dropping it would train the other heads only.
     """
     _check_shapes(logits, tokens)
     _, num_heads, seq, _ = logits.shape
     per_head = []
     for j in range(num_heads):
-        offset = j + 1  # head i = j+1 predicts t + i
+        offset = first_head + j  # head i predicts t + i
         count = min(seq, tokens.shape[1] - offset)
         if count <= 0:
             raise ValueError(
                 f"head {offset} has no label: {tokens.shape[1]} tokens leave no position t with t+{offset} present"
             )
         per_head.append(_token_nll(logits[:, j, :count], tokens[:, offset : offset + count]).mean())
-    per_head = torch.stack(per_head)  # (n,)
+    per_head = torch.stack(per_head)  # (k,)
     return MultiTokenLoss(total=per_head.sum(), per_head=per_head)
 
 
@@ -90,28 +93,35 @@ def joint_log_likelihood(head_ll: torch.Tensor) -> torch.Tensor:
     return head_ll.sum(dim=1)
 
 
-def head1_distillation_kl(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def head1_distillation_kl(
+    head1_logits: torch.Tensor, later_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """KL(p_1 || p_i) for heads i = 2..n, each the mean over its positions: (n-1,).
 
-    Head i at position t predicts x[t+i]; so does head 1 at position t+i-1. p_1
-    there is the teacher (detached: it receives no gradient from this term) and
-    p_i at t the student, both softmax(logits / temperature). Positions t with
-    t+i-1 outside the logits have no teacher and are skipped. No T**2 factor:
-    the term is mixed with the cross-entropy by a weight the caller chooses.
+    head1_logits: (B, T, V), head 1's; later_logits: (B, n-1, T, V), heads
+    2..n's (`logits[:, 0]` and `logits[:, 1:]` of the model's output). Head i at
+    position t predicts x[t+i]; so does head 1 at position t+i-1. p_1 there is
+    the teacher (detached: it receives no gradient from this term) and p_i at t
+    the student, both softmax(logits / temperature). Positions t with t+i-1
+    outside the logits have no teacher and are skipped. No T**2 factor: the term
+    is mixed with the cross-entropy by a weight the caller chooses.
     """
-    if logits.dim() != 4:
-        raise ValueError(f"logits must be (batch, heads, seq, vocab), got shape {tuple(logits.shape)}")
+    if head1_logits.dim() != 3 or later_logits.dim() != 4:
+        raise ValueError(
+            f"need head 1's logits (batch, seq, vocab) and heads 2..n's (batch, heads, seq, vocab), got shapes "
+            f"{tuple(head1_logits.shape)} and {tuple(later_logits.shape)}"
+        )
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    _, num_heads, seq, _ = logits.shape
-    teacher_all = F.log_softmax(logits[:, 0].detach().float() / temperature, dim=-1)  # (B, T, V)
+    seq = head1_logits.shape[1]
+    teacher_all = F.log_softmax(head1_logits.detach().float() / temperature, dim=-1)  # (B, T, V)
     per_head = []
-    for j in range(1, num_heads):  # head i = j+1 at t <-> head 1 at t+j
+    for j in range(1, later_logits.shape[1] + 1):  # head i = j+1 at t <-> head 1 at t+j
         count = seq - j
         if count <= 0:
             raise ValueError(f"head {j + 1} has no teacher position: {seq} positions, offset {j}")
-        student = F.log_softmax(logits[:, j, :count].float() / temperature, dim=-1)  # (B, count, V)
+        student = F.log_softmax(later_logits[:, j - 1, :count].float() / temperature, dim=-1)  # (B, count, V)
         teacher = teacher_all[:, j:]  # (B, count, V)
         kl = F.kl_div(student, teacher, reduction="none", log_target=True).sum(-1)  # (B, count)
         per_head.append(kl.mean())
-    return torch.stack(per_head) if per_head else logits.new_zeros(0)
+    return torch.stack(per_head) if per_head else head1_logits.new_zeros(0)

@@ -3,9 +3,9 @@
 Data flow (docs/METHOD.md, "Model"):
 
     input_ids -> embed_in -> stem layers 0..L-2 -> stem_out
-    head 1: stem_out            -> base layer L-1 -> final LN ┐
-    head i: grad_scale(stem_out) -> extra layer     -> own LN  ├ stack (B, n, T, H) -> embed_out (one MatMul)
-                                                                ┘
+    head 1: stem_out -> base layer L-1 -> final LN ┐
+    head i: stem_out -> extra layer     -> own LN  ├ stack (B, n, T, H) -> embed_out (one MatMul)
+                                                   ┘
 Every decoder layer is transformers' own `GPTNeoXLayer` and the rotary
 embedding is `GPTNeoXRotaryEmbedding`, so head 1 is the base model bit for bit.
 The KV cache is a tuple of plain (key, value) tensors per layer instead of a
@@ -57,26 +57,6 @@ class _TensorCache:
             value = torch.cat([past_value, value], dim=-2)
         self.present[layer_idx] = (key, value)
         return key, value
-
-
-class _ScaleGradient(torch.autograd.Function):
-    """Identity forward; multiplies the gradient by `scale` on the way back."""
-
-    @staticmethod
-    def forward(ctx, x, scale: float):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.scale, None
-
-
-def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Let heads 2..n train the stem at LR_MB instead of LR_B (docs/METHOD.md, "Training")."""
-    if scale == 1.0 or not torch.is_grad_enabled():
-        return x
-    return _ScaleGradient.apply(x, scale)
 
 
 def additive_attention_mask(attention_mask: torch.Tensor, query_len: int, dtype: torch.dtype) -> torch.Tensor:
@@ -144,8 +124,6 @@ class DynaMoForCausalLM(DynaMoPreTrainedModel):
         self.heads = nn.ModuleList(TokenHead(config, num_stem + j) for j in range(config.num_token_heads))
         self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary_emb = GPTNeoXRotaryEmbedding(config=config)
-        # LR_MB / LR_B; set by the trainer, 1.0 (no-op) for inference and export.
-        self.branch_grad_scale = 1.0
         # Where tokenizer files come from when saving (the source checkpoint), or None.
         self.tokenizer_dir = None
         self.post_init()
@@ -165,6 +143,35 @@ class DynaMoForCausalLM(DynaMoPreTrainedModel):
     ) -> DynaMoOutput:
         """`logits_to_keep` as in transformers: 0 every position, k > 0 the last k, a 1-D tensor those
         positions; the heads' states are cut before the unembedding, so the rows not kept cost nothing."""
+        head_states, cache = self._head_states(
+            input_ids, attention_mask, position_ids, past_key_values, use_cache
+        )
+        stacked = torch.stack(head_states, dim=1)  # (B, n, T, H)
+        if isinstance(logits_to_keep, torch.Tensor):
+            stacked = stacked.index_select(2, logits_to_keep)
+        elif logits_to_keep:
+            stacked = stacked[:, :, -logits_to_keep:]
+        logits = self.embed_out(stacked)  # (B, n, kept, V): one MatMul shared by all heads
+
+        presents = tuple(cache.present) if (cache is not None and use_cache) else None
+        return DynaMoOutput(logits=logits, past_key_values=presents)
+
+    def source_logits(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Training's logits, one unembedding MatMul per gradient source (dynamo_export/distill.py).
+
+        Head 1's (B, T, V) and heads 2..n's (B, n-1, T, V; None for n = 1): the
+        values of `forward(input_ids).logits`, split after head 1. Kept apart,
+        head 1's loss has no path through heads 2..n's layers or their rows of
+        the unembedding, so its backward skips them instead of carrying zeros.
+        """
+        head_states, _ = self._head_states(input_ids, None, None, None, False)
+        first = self.embed_out(head_states[0])  # (B, T, V)
+        if len(head_states) == 1:
+            return first, None
+        return first, self.embed_out(torch.stack(head_states[1:], dim=1))  # (B, n-1, T, V)
+
+    def _head_states(self, input_ids, attention_mask, position_ids, past_key_values, use_cache):
+        """Every head's state after its final layer norm, each (B, T, H), and the cache (None without one)."""
         batch, seq = input_ids.shape
         past_len = 0 if past_key_values is None else past_key_values[0][0].shape[-2]
         if attention_mask is None:
@@ -186,21 +193,7 @@ class DynaMoForCausalLM(DynaMoPreTrainedModel):
             hidden = layer(
                 hidden, attention_mask=attention_bias, position_embeddings=rotary, layer_past=cache
             )[0]
-
-        branch = scale_gradient(hidden, self.branch_grad_scale) if self.training else hidden
-        head_states = [
-            head(hidden if j == 0 else branch, attention_bias, rotary, cache)
-            for j, head in enumerate(self.heads)
-        ]
-        stacked = torch.stack(head_states, dim=1)  # (B, n, T, H)
-        if isinstance(logits_to_keep, torch.Tensor):
-            stacked = stacked.index_select(2, logits_to_keep)
-        elif logits_to_keep:
-            stacked = stacked[:, :, -logits_to_keep:]
-        logits = self.embed_out(stacked)  # (B, n, kept, V): one MatMul shared by all heads
-
-        presents = tuple(cache.present) if (cache is not None and use_cache) else None
-        return DynaMoOutput(logits=logits, past_key_values=presents)
+        return [head(hidden, attention_bias, rotary, cache) for head in self.heads], cache
 
     # -- checkpoint I/O (implemented in dynamo_export.checkpoint) --------------------------------
 

@@ -2,10 +2,13 @@
 
 A step-N directory is a DynaMo checkpoint (loadable with
 `DynaMoForCausalLM.from_pretrained`) plus:
-- `trainer_state.safetensors`: the optimizer's per-parameter tensors
-  (`optimizer.{index}.{exp_avg|exp_avg_sq|step}`) and the torch RNG state;
-- `trainer_state.json`: step, data position, the TrainConfig, the optimizer's
-  param groups and the scheduler's state (plain numbers).
+- `trainer_state.safetensors`: the per-parameter tensors of each gradient
+  source's AdamW (`optimizer.{source}.{index}.{exp_avg|exp_avg_sq|step}`, source
+  `head1` or `heads`: a weight both sources move has a state in each) and the
+  torch RNG state;
+- `trainer_state.json`: step, data position, the TrainConfig and each source's
+  param groups (plain numbers). The learning rates are a function of the step,
+  so there is no scheduler state.
 Nothing is pickled: tensors load with `safetensors.torch.load_file` and the
 rest with `json`, so a checkpoint cannot run code when read (the guarantee
 `torch.load(weights_only=True)` aims for, without torch.load at all). Each
@@ -32,33 +35,34 @@ from runtime.atomic import atomic_directory, atomic_write_json
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 1: one AdamW state for both gradient sources (LR_MB as a gradient scale)
 # Fields that only steer bookkeeping; a resumed run may change them freely.
 RESUMABLE_OVERRIDES = frozenset({"out", "val", "tokenizer", "eval_every", "eval_batches", "save_every"})
 
 
-def save_checkpoint(directory: Path, model, optimizer, scheduler, cfg, step: int) -> Path:
-    opt_state = optimizer.state_dict()
+def save_checkpoint(directory: Path, model, optimizer, cfg, step: int) -> Path:
+    """Write step-N atomically; `optimizer` is the trainer's ThreeRateAdamW."""
     tensors = {"rng.torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors["rng.torch_cuda"] = torch.cuda.get_rng_state()
-    state_keys = {}
-    for index, entry in opt_state["state"].items():
-        state_keys[str(index)] = sorted(entry)
-        for name, value in entry.items():
-            if not torch.is_tensor(value):
-                raise TrainingError(
-                    f"optimizer state {index}.{name} is not a tensor; cannot store it in safetensors"
-                )
-            tensors[f"optimizer.{index}.{name}"] = value.detach().cpu().contiguous()
-    groups = [{k: v for k, v in g.items()} for g in opt_state["param_groups"]]
+    sources = {}
+    for source, opt_state in optimizer.state_dict().items():
+        state_keys = {}
+        for index, entry in opt_state["state"].items():
+            state_keys[str(index)] = sorted(entry)
+            for name, value in entry.items():
+                if not torch.is_tensor(value):
+                    raise TrainingError(
+                        f"optimizer state {source}.{index}.{name} is not a tensor; cannot store it in safetensors"
+                    )
+                tensors[f"optimizer.{source}.{index}.{name}"] = value.detach().cpu().contiguous()
+        sources[source] = {"param_groups": opt_state["param_groups"], "state_keys": state_keys}
     meta = {
         "format": STATE_FORMAT,
         "step": step,
         "data_position": step * cfg.grad_accum,
         "config": asdict(cfg),
-        "optimizer": {"param_groups": groups, "state_keys": state_keys},
-        "scheduler": scheduler.state_dict(),
+        "optimizer": sources,
     }
     with atomic_directory(directory, overwrite=True) as tmp:
         model.save_pretrained(tmp, overwrite=True)
@@ -80,6 +84,12 @@ def read_checkpoint_meta(path: Path) -> dict:
         meta = json.loads((path / STATE_JSON).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise TrainingError(f"{path} is not a training checkpoint ({STATE_JSON} unreadable: {exc})") from exc
+    if meta.get("format") == 1:
+        raise TrainingError(
+            f"{path} was written by the trainer that realised LR_MB as a gradient scale (format 1, one AdamW "
+            "state for both gradient sources); it cannot be continued exactly under per-source AdamW state: "
+            f"start a new --out (with --model {path} to start from its weights)"
+        )
     if meta.get("format") != STATE_FORMAT:
         raise TrainingError(f"{path}/{STATE_JSON} has format {meta.get('format')!r}, expected {STATE_FORMAT}")
     return meta
@@ -103,23 +113,24 @@ def check_resumable(saved: dict, cfg, path: Path) -> None:
         )
 
 
-def load_trainer_state(path: Path, meta: dict, optimizer, scheduler) -> None:
-    """Restore optimizer, scheduler and RNG from a checkpoint (safetensors + JSON, no unpickling)."""
+def load_trainer_state(path: Path, meta: dict, optimizer) -> None:
+    """Restore each source's AdamW state and the RNG from a checkpoint (safetensors + JSON, no unpickling)."""
     try:
         tensors = load_file(path / STATE_TENSORS)
     except Exception as exc:  # safetensors raises its own SafetensorError for corrupt files
         raise TrainingError(f"{path}/{STATE_TENSORS} is not a readable safetensors file: {exc}") from exc
-    opt = meta["optimizer"]
-    groups = [{**g, "betas": tuple(g["betas"])} for g in opt["param_groups"]]
-    state = {
-        int(i): {name: tensors[f"optimizer.{i}.{name}"] for name in names}
-        for i, names in opt["state_keys"].items()
-    }
+    state = {}
+    for source, saved in meta["optimizer"].items():
+        groups = [{**g, "betas": tuple(g["betas"])} for g in saved["param_groups"]]
+        per_param = {
+            int(i): {name: tensors[f"optimizer.{source}.{i}.{name}"] for name in names}
+            for i, names in saved["state_keys"].items()
+        }
+        state[source] = {"state": per_param, "param_groups": groups}
     try:
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        optimizer.load_state_dict(state)
     except ValueError as exc:
         raise TrainingError(f"optimizer state in {path} does not fit the model: {exc}") from exc
-    scheduler.load_state_dict(meta["scheduler"])
     torch.set_rng_state(tensors["rng.torch_cpu"])
     if "rng.torch_cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.torch_cuda"])

@@ -5,15 +5,23 @@ a plain GPT-NeoX base from scratch: a fresh base is a random
 `GPTNeoXForCausalLM` converted with `from_gpt_neox`, and an n = 1 result is
 written back as a transformers `GPTNeoXForCausalLM` checkpoint as well.
 
-Learning rates. AdamW(0.9, 0.95, eps 1e-8) with two LR groups: LR_B for the
-transferred base weights (embed_in, stem, head 1's layer + final LN,
-embed_out) and LR_M for heads 2..n. LR_MB is realised by scaling the gradient
-on the stem-output branch into heads 2..n by LR_MB / LR_B
-(`model.branch_grad_scale`): the stem is stepped at LR_B, so the heads' share
-of its gradient arrives at the LR_MB rate, exactly so for SGD and in proportion
-under Adam's normalisation [ours]. Matrices and embeddings get weight decay;
-biases and layer norms do not (nanoGPT's rule). The schedule is linear warm-up
-over `warmup_frac` of the steps, then cosine to 0 at the last step.
+Learning rates (docs/METHOD.md, "Training"). A step has two gradient sources
+(dynamo_export/distill.py): head 1's loss and heads 2..n's loss, each with its
+own AdamW(0.9, 0.95, eps 1e-8). Head 1's moves the base weights (embed_in,
+stem, head 1's layer + final LN, embed_out) at LR_B; the heads' moves their own
+weights at LR_M and the base weights both read (embed_in, stem, the shared
+embed_out) at LR_MB. A shared weight thus holds two Adam states, and its step
+is the sum of an LR_B step on head 1's gradient and an LR_MB step on the
+heads' gradient: Adam normalises each source by its own statistics, so the
+rates are rates, not gradient scales. With LR_MB = 0 the heads' source never
+touches (nor backpropagates into) the base weights, which then follow exactly
+the trajectory head 1's loss alone gives (tests/test_training.py). Per source:
+micro-batches accumulate separately and the gradient is clipped to `clip` by
+its own norm. Weight decay (decoupled; matrices and embeddings, not biases or
+layer norms: nanoGPT's rule) is applied once per weight, by the source that
+owns it: LR_B's step for base weights (it runs first), LR_M's for heads 2..n.
+The schedule, linear warm-up over `warmup_frac` of the steps then cosine to 0
+at the last step, multiplies all three rates.
 
 Data. Each micro-batch holds `batch_size` windows of seq_len + n tokens at
 uniformly random offsets of the memmapped training file: the model reads the
@@ -25,10 +33,17 @@ replays exactly the batches an uninterrupted run would have seen.
 
 Distillation (`distill` > 0, dynamo_export/distill.py): heads 2..n also learn
 head 1's distribution, loss_i = (1 - W) CE_i + W KL(p_1 || p_i); the KL's
-gradient reaches only their own weights.
+gradient reaches only their own weights, whatever LR_MB.
 
 Checkpoints (OUT/checkpoints/step-N): dynamo_export/train_state.py; nothing is
 pickled, and a step-N directory appears whole or not at all.
+
+Several processes (`torchrun --nproc_per_node=N`, dynamo_export/distributed.py):
+`batch_size` stays the global batch; rank r reads its contiguous slice of every
+micro-batch, each source's gradient is averaged over the ranks before clipping,
+and N processes train the model one would (up to float reduction order). Only
+rank 0 validates and writes; checkpoints hold the full state, so a run resumes
+under any N.
 """
 
 from __future__ import annotations
@@ -55,7 +70,8 @@ from dynamo_export.checkpoint import (
     checkpoint_kind,
     gpt_neox_key_map,
 )
-from dynamo_export.distill import backward_losses
+from dynamo_export.distill import GradientSources, StepGrads, gradient_sources, source_gradients
+from dynamo_export.distributed import ProcessGroup
 from dynamo_export.errors import CheckpointError, TrainingError
 from dynamo_export.evaluation import check_vocab, evaluate
 from dynamo_export.modeling import DynaMoForCausalLM
@@ -253,25 +269,43 @@ def _copy_tokenizer(model: DynaMoForCausalLM, directory: Path) -> None:
 # -- optimisation ----------------------------------------------------------------------------------
 
 
-def param_groups(model: DynaMoForCausalLM, cfg: TrainConfig) -> list[dict]:
-    """AdamW groups: base (LR_B) vs new heads 2..n (LR_M), each split into decay / no-decay."""
-    buckets: dict[tuple[str, bool], list] = {}
-    for name, param in model.named_parameters():
-        is_new_head = name.startswith("heads.") and not name.startswith("heads.0.")
-        decay = param.dim() >= 2  # matrices and embeddings; not biases or layer norms
-        buckets.setdefault(("lr_m" if is_new_head else "lr_b", decay), []).append(param)
-    groups = []
-    for (lr_name, decay), params in buckets.items():
-        groups.append(
+def param_groups(sources: GradientSources, cfg: TrainConfig) -> dict[str, list[dict]]:
+    """AdamW groups per gradient source; matrices and embeddings decay, biases and layer norms do not.
+
+    head1: base, base_no_decay (LR_B). heads: heads, heads_no_decay (LR_M) and,
+    when LR_MB > 0, shared (LR_MB, no decay: base weights decay in head 1's
+    step only). Empty groups and sources (heads for n = 1) are left out.
+    """
+
+    def split(params, name, lr_name):
+        groups = []
+        for decay in (True, False):
+            chosen = [p for p in params if (p.dim() >= 2) == decay]
+            if chosen:
+                groups.append(
+                    {
+                        "params": chosen,
+                        "lr": getattr(cfg, lr_name),
+                        "weight_decay": cfg.weight_decay if decay else 0.0,
+                        "name": name if decay else f"{name}_no_decay",
+                        "lr_name": lr_name,
+                    }
+                )
+        return groups
+
+    heads = split(sources.heads, "heads", "lr_m")
+    if sources.shared:
+        heads.append(
             {
-                "params": params,
-                "lr": getattr(cfg, lr_name),
-                "weight_decay": cfg.weight_decay if decay else 0.0,
-                "name": f"{'heads' if lr_name == 'lr_m' else 'base'}{'' if decay else '_no_decay'}",
-                "lr_name": lr_name,
+                "params": sources.shared,
+                "lr": cfg.lr_mb,
+                "weight_decay": 0.0,
+                "name": "shared",
+                "lr_name": "lr_mb",
             }
         )
-    return groups
+    groups = {"head1": split(sources.head1, "base", "lr_b"), "heads": heads}
+    return {source: g for source, g in groups.items() if g}
 
 
 def lr_multiplier(step: int, total: int, warmup: int) -> float:
@@ -282,31 +316,91 @@ def lr_multiplier(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: DynaMoForCausalLM, cfg: TrainConfig):
-    """The three learning rates: AdamW groups for LR_B / LR_M, the branch gradient scale for LR_MB."""
-    model.branch_grad_scale = cfg.lr_mb / cfg.lr_b
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=ADAM_BETAS, eps=ADAM_EPS)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, cfg.steps, cfg.warmup_steps)
-    )
-    return optimizer, scheduler
+class ThreeRateAdamW:
+    """LR_B, LR_M and LR_MB as one torch AdamW per gradient source (module docstring).
+
+    Per optimizer step: `accumulate` every micro-batch's `StepGrads`, then
+    `step(k)`, which sets the rates of step k (the schedule), averages each
+    source's gradient over the ranks of `group` (a no-op in one process), hands
+    it to its AdamW through `.grad`, clips and steps it, and clears `.grad`
+    again, head 1's source first.
+    """
+
+    def __init__(self, model, cfg: TrainConfig, group: ProcessGroup | None = None):
+        self.cfg = cfg
+        self.group = group or ProcessGroup()
+        self.sources = gradient_sources(model, cfg.lr_mb)
+        # The order of each source's gradients in StepGrads.
+        self.params = {"head1": self.sources.head1, "heads": self.sources.heads + self.sources.shared}
+        self.optimizers = {
+            source: torch.optim.AdamW(groups, betas=ADAM_BETAS, eps=ADAM_EPS)
+            for source, groups in param_groups(self.sources, cfg).items()
+        }
+        self.rate_names = ("lr_b", "lr_m", "lr_mb") if self.sources.heads else ("lr_b",)
+        self.grads: dict[str, list[torch.Tensor]] = {}
+
+    def rates(self, step: int) -> dict[str, float]:
+        """The learning rates of optimizer step `step` (from 0): the schedule times the peak rates."""
+        multiplier = lr_multiplier(step, self.cfg.steps, self.cfg.warmup_steps)
+        return {name: getattr(self.cfg, name) * multiplier for name in self.rate_names}
+
+    def accumulate(self, grads: StepGrads) -> None:
+        for source, new in (("head1", grads.head1), ("heads", grads.heads)):
+            if source not in self.optimizers:
+                continue
+            held = self.grads.get(source)
+            if held is None:
+                self.grads[source] = list(new)
+            else:
+                for total, grad in zip(held, new, strict=True):
+                    total.add_(grad)
+
+    def step(self, step: int) -> dict[str, float] | None:
+        """Apply the accumulated gradients; returns each source's norm before clipping (None: no clipping)."""
+        rates = self.rates(step)
+        norms = {}
+        for source, optimizer in self.optimizers.items():  # head1 first: it applies the base weights' decay
+            params, grads = self.params[source], self.grads.pop(source)
+            self.group.average_(grads)  # the global batch's gradient, before clipping sees its norm
+            for group in optimizer.param_groups:
+                group["lr"] = rates[group["lr_name"]]
+            for param, grad in zip(params, grads, strict=True):
+                param.grad = grad
+            if self.cfg.clip > 0:
+                norms[source] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.clip))
+            optimizer.step()
+            for param in params:
+                param.grad = None
+        return norms or None
+
+    def state_dict(self) -> dict[str, dict]:
+        return {source: optimizer.state_dict() for source, optimizer in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        if set(state) != set(self.optimizers):
+            raise ValueError(
+                f"it holds the gradient sources {sorted(state)}, this run has {sorted(self.optimizers)}"
+            )
+        for source, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state[source])
 
 
 class WindowSampler:
     """Random training windows; micro-batch k depends only on (seed, k) — see the module docstring."""
 
-    def __init__(self, ids: np.ndarray, window: int, batch_size: int, seed: int):
+    def __init__(self, ids: np.ndarray, window: int, batch_size: int, seed: int, rows: slice | None = None):
         if len(ids) < window:
             raise TrainingError(
                 f"the training file holds {len(ids)} tokens, fewer than one window of {window}"
             )
         self.ids, self.window, self.batch_size, self.seed = ids, window, batch_size, seed
+        self.rows = rows or slice(None)  # this rank's rows of the global batch (all of them in one process)
 
     def batch(self, index: int) -> torch.Tensor:
         rng = np.random.default_rng([self.seed, index])
-        starts = rng.integers(0, len(self.ids) - self.window + 1, size=self.batch_size)
+        starts = rng.integers(0, len(self.ids) - self.window + 1, size=self.batch_size)[self.rows]
         rows = [np.asarray(self.ids[s : s + self.window], dtype=np.int64) for s in starts]
-        return torch.from_numpy(np.stack(rows))  # (B, seq_len + n)
+        return torch.from_numpy(np.stack(rows))  # (B / N, seq_len + n)
 
 
 # -- the loop --------------------------------------------------------------------------------------
@@ -348,8 +442,19 @@ def train(
 
     `stop_at` ends the run after that many optimizer steps with a checkpoint
     (for time-sliced jobs); rerunning with resume=True continues it exactly.
+    Under torchrun every rank calls this and joins the process group
+    (dynamo_export/distributed.py); without it the run is a single process.
     """
     cfg.check()
+    group = ProcessGroup.from_env(device)
+    try:
+        return _train(cfg, group, resume, stop_at, progress)
+    finally:
+        group.close()
+
+
+def _train(cfg: TrainConfig, group: ProcessGroup, resume: bool, stop_at: int | None, progress: bool) -> Path:
+    group.check_batch(cfg.batch_size)
     out = Path(cfg.out)
     train_ids, train_meta = open_tokens(cfg.train)
     val_ids, val_meta = open_tokens(cfg.val)
@@ -370,12 +475,13 @@ def train(
             f"--seq-len {cfg.seq_len} exceeds the model's context of {model.config.max_position_embeddings}"
         )
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = group.device
     model.to(device).train()
-    optimizer, scheduler = build_optimizer(model, cfg)
+    group.broadcast_([p.data for p in model.parameters()])  # one starting model, whatever each rank drew
+    optimizer = ThreeRateAdamW(model, cfg, group)
     start = 0
     if resume_from is not None:
-        load_trainer_state(*resume_from, optimizer, scheduler)
+        load_trainer_state(*resume_from, optimizer)
         start = resume_from[1]["step"]
     n = model.num_token_heads
     if cfg.distill > 0 and n < 2:
@@ -383,41 +489,52 @@ def train(
             f"--distill {cfg.distill} trains heads 2..n towards head 1, but this model has one head: "
             "drop --distill or give --num-token-heads >= 2"
         )
-    sampler = WindowSampler(train_ids, cfg.seq_len + n, cfg.batch_size, cfg.seed)
+    sampler = WindowSampler(
+        train_ids, cfg.seq_len + n, cfg.batch_size, cfg.seed, rows=group.shard_rows(cfg.batch_size)
+    )
     if stop_at is not None and not start < stop_at <= cfg.steps:
         raise TrainingError(f"--stop-at must lie in ({start}, {cfg.steps}] for this run, got {stop_at}")
-    log = TrainLog(out / LOG_NAME, keep_through_step=start if resume else -1)
-    if start == 0:
+    main = group.is_main  # the only rank that validates and writes
+    if main:
+        log = TrainLog(out / LOG_NAME, keep_through_step=start if resume else -1)
+    if main and start == 0:
         initial = _validate(model, val_ids, cfg)
         log.write({"step": 0, "val_loss": initial})
         tqdm.write(validation_line(0, initial))
 
     end = cfg.steps if stop_at is None else stop_at
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress)
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not (progress and main))
     report = TrainReport(bar, start, end, cfg.eval_every)
     for step in range(start, end):
         began = time.perf_counter()
-        lrs = {g["lr_name"]: g["lr"] for g in optimizer.param_groups}
         per_head, kl, grad_norm = train_step(model, optimizer, sampler, step, cfg, device)
-        scheduler.step()
         done = step + 1
-        record = {"step": done, "lr": lrs, "train_loss": per_head}
-        if cfg.distill > 0:
-            record["train_kl"] = kl  # heads 2..n
-        record["grad_norm"] = grad_norm
-        record["tokens_per_s"] = cfg.batch_size * cfg.grad_accum * cfg.seq_len / (time.perf_counter() - began)
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            record["val_loss"] = _validate(model, val_ids, cfg)
-        log.write(record)
-        report.step(record)
-        bar.update()
+        if main:
+            record = {"step": done, "lr": optimizer.rates(step), "train_loss": per_head}
+            if cfg.distill > 0:
+                record["train_kl"] = kl  # heads 2..n
+            record["grad_norm"] = grad_norm  # per source
+            record["tokens_per_s"] = (  # of the global batch: all ranks together
+                cfg.batch_size * cfg.grad_accum * cfg.seq_len / (time.perf_counter() - began)
+            )
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                record["val_loss"] = _validate(model, val_ids, cfg)
+            log.write(record)
+            report.step(record)
+            bar.update()
         if done < cfg.steps and (done % cfg.save_every == 0 or done == stop_at):
-            save_checkpoint(out / "checkpoints" / f"step-{done}", model, optimizer, scheduler, cfg, done)
+            if main:
+                save_checkpoint(out / "checkpoints" / f"step-{done}", model, optimizer, cfg, done)
+            group.barrier()  # every rank returns (or goes on) with the checkpoint on disk
     bar.close()
-    report.finish(out / LOG_NAME, out)
+    if main:
+        report.finish(out / LOG_NAME, out)
     if end < cfg.steps:
         return out / "checkpoints" / f"step-{end}"
-    return _save_final(out, model, cfg)
+    if main:
+        _save_final(out, model, cfg)
+    group.barrier()
+    return out / "final"
 
 
 def _starting_model(cfg: TrainConfig, out: Path, resume: bool, train_meta) -> tuple:
@@ -441,32 +558,32 @@ def _starting_model(cfg: TrainConfig, out: Path, resume: bool, train_meta) -> tu
     return model, (path, meta)
 
 
-def train_step(model, optimizer, sampler: WindowSampler, step: int, cfg: TrainConfig, device):
-    """One optimizer step over grad_accum micro-batches.
+def train_step(model, optimizer: ThreeRateAdamW, sampler: WindowSampler, step: int, cfg: TrainConfig, device):
+    """Optimizer step `step` (from 0) over grad_accum micro-batches.
 
     Returns (per-head mean CE (n,), heads 2..n's mean KL (n-1,; empty without
-    distillation), grad norm before clipping or None).
+    distillation), each gradient source's norm before clipping or None), all of
+    the global batch when several processes share it.
     """
-    optimizer.zero_grad(set_to_none=True)
     n = model.num_token_heads
     per_head = torch.zeros(n, dtype=torch.float64)
     kl = torch.zeros(n - 1 if cfg.distill > 0 else 0, dtype=torch.float64)
     for micro in range(cfg.grad_accum):
         window = sampler.batch(step * cfg.grad_accum + micro).to(device)  # (B, seq_len + n)
-        logits = model(window[:, : cfg.seq_len]).logits  # (B, n, seq_len, V)
-        losses = backward_losses(model, logits, window, cfg.distill, cfg.distill_temperature, cfg.grad_accum)
-        per_head += losses.ce.double().cpu() / cfg.grad_accum
-        kl += losses.kl.double().cpu() / cfg.grad_accum
-    grad_norm = None
-    if cfg.clip > 0:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip))
-    optimizer.step()
+        first, rest = model.source_logits(window[:, : cfg.seq_len])  # (B, T, V), (B, n-1, T, V)
+        grads = source_gradients(
+            first, rest, window, optimizer.sources, cfg.distill, cfg.distill_temperature, cfg.grad_accum
+        )
+        optimizer.accumulate(grads)
+        per_head += grads.ce.double().cpu() / cfg.grad_accum
+        kl += grads.kl.double().cpu() / cfg.grad_accum
+    grad_norm = optimizer.step(step)
+    optimizer.group.average_([per_head, kl])  # the global batch's losses (equal slices: mean of means)
     return per_head.tolist(), kl.tolist(), grad_norm
 
 
 def _save_final(out: Path, model: DynaMoForCausalLM, cfg: TrainConfig) -> Path:
     """OUT/final (DynaMo, with train_config.json); for n = 1 also OUT/final-gpt-neox (transformers)."""
-    model.branch_grad_scale = 1.0
     final = out / "final"
     with atomic_directory(final, overwrite=True) as tmp:
         model.save_pretrained(tmp, overwrite=True)

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from dynamo_export import DynaMoForCausalLM, modeling
+from dynamo_export import DynaMoForCausalLM
 from dynamo_export.cli.train import main as train_main
-from dynamo_export.distill import backward_losses, new_head_parameters
+from dynamo_export.distill import gradient_sources, new_head_parameters, source_gradients
 from dynamo_export.errors import TrainingError
 from dynamo_export.losses import head1_distillation_kl, multi_token_loss
 from dynamo_export.tokens import write_token_file
@@ -76,7 +76,7 @@ def tiny_dynamo(n: int = 3, seed: int = 0, head_init: str = "random") -> DynaMoF
 def test_kl_matches_an_explicit_sum_over_the_vocabulary(temperature):
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 3, 5, 6, generator=gen) * 2  # (B, n, T, V)
-    kl = head1_distillation_kl(logits, temperature)
+    kl = head1_distillation_kl(logits[:, 0], logits[:, 1:], temperature)
     assert kl.shape == (2,)
     for j in (1, 2):  # head i = j+1 at t is taught by head 1 at t+j
         total, count = 0.0, 0
@@ -92,9 +92,9 @@ def test_kl_matches_an_explicit_sum_over_the_vocabulary(temperature):
 def test_kl_is_zero_when_a_head_copies_head_1_one_step_later():
     logits = torch.randn(1, 2, 4, 5, generator=torch.Generator().manual_seed(1))
     logits[:, 1, :3] = logits[:, 0, 1:]  # head 2 at t says what head 1 says at t+1
-    assert head1_distillation_kl(logits).item() == pytest.approx(0.0, abs=1e-6)
+    assert head1_distillation_kl(logits[:, 0], logits[:, 1:]).item() == pytest.approx(0.0, abs=1e-6)
     logits[:, 1, 0, 0] += 3.0
-    assert head1_distillation_kl(logits).item() > 1e-3
+    assert head1_distillation_kl(logits[:, 0], logits[:, 1:]).item() > 1e-3
 
 
 # -- gradient paths ---------------------------------------------------------------------------------
@@ -104,14 +104,22 @@ def _grads(model):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def test_kl_gradient_reaches_only_heads_2_to_n():
-    w, temperature, scale = 0.5, 0.7, 0.1
+def _named(model, sources, grads):
+    names = {id(p): n for n, p in model.named_parameters()}
+    head1 = {names[id(p)]: g for p, g in zip(sources.head1, grads.head1, strict=True)}
+    heads = {names[id(p)]: g for p, g in zip(sources.heads + sources.shared, grads.heads, strict=True)}
+    return head1, heads
+
+
+@pytest.mark.parametrize("lr_mb", [0.0, 3e-4])
+def test_kl_gradient_reaches_only_heads_2_to_n(lr_mb):
+    w, temperature = 0.5, 0.7
     ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(2))
     tokens = ids  # labels from the input itself: positions without a label are skipped
 
     # The function under test, with hooks on the stem's output and on every weight outside heads 2..n.
     model = tiny_dynamo()
-    model.branch_grad_scale = scale
+    sources = gradient_sources(model, lr_mb)
     new_heads = {id(p) for p in new_head_parameters(model)}
     fired: dict[str, int] = {}
 
@@ -128,71 +136,84 @@ def test_kl_gradient_reaches_only_heads_2_to_n():
     def hook_stem_output(module, inputs, output):
         output[0].register_hook(count("stem output"))
 
+    def hook_head_2_output(module, inputs, output):
+        output.register_hook(count("head 2"))
+
     model.stem[-1].register_forward_hook(hook_stem_output)
-    scale_calls = []
-    original = modeling._ScaleGradient.backward
+    model.heads[1].register_forward_hook(hook_head_2_output)
+    grads = source_gradients(*model.source_logits(ids), tokens, sources, w, temperature)
+    head1, heads = _named(model, sources, grads)
+    # Head 1's source runs the stem's backward once and never enters heads 2..n; the heads' source
+    # runs it once more for the CE's share when LR_MB > 0, never for the KL, not at all with LR_MB = 0.
+    shared = {n for n, p in model.named_parameters() if n.startswith(("embed_in.", "stem.", "embed_out."))}
+    assert fired["stem output"] == (1 if lr_mb == 0 else 2)
+    assert fired.pop("head 2") == (1 if lr_mb == 0 else 2)  # the heads' mixed loss, then their CE's share
+    assert fired == {"stem output": fired["stem output"]} | {
+        n: 2 if lr_mb > 0 and n in shared else 1 for n in head1
+    }
+    assert set(heads) == {n for n, p in model.named_parameters() if id(p) in new_heads} | (
+        shared if lr_mb else set()
+    )
 
-    def spy(ctx, grad):
-        scale_calls.append(1)
-        return original(ctx, grad)
-
-    modeling._ScaleGradient.backward = staticmethod(spy)
-    try:
-        losses = backward_losses(model, model(ids).logits, tokens, w, temperature)
-    finally:
-        modeling._ScaleGradient.backward = staticmethod(original)
-    got = _grads(model)
-    # The stem, the branch's gradient scale and every outside weight were visited by the CE backward alone.
-    assert fired["stem output"] == 1 and len(scale_calls) == 1
-    assert all(v == 1 for v in fired.values()) and len(fired) == len(got) - len(new_heads) + 1
-
-    # Reference 1: the cross-entropy alone, head 1 at weight 1 and heads 2..n at 1 - W.
+    # Reference 1: the cross-entropy alone, head 1 at weight 1 and heads 2..n at 1 - W, one source each.
     ce_model = tiny_dynamo()
-    ce_model.branch_grad_scale = scale
     ce = multi_token_loss(ce_model(ids).logits, tokens).per_head
-    (ce[0] + (1 - w) * ce[1:].sum()).backward()
-    ce_grads = _grads(ce_model)
+    ce[0].backward(retain_graph=True)
+    ce_head1 = _grads(ce_model)
+    ce_model.zero_grad(set_to_none=True)
+    ((1 - w) * ce[1:].sum()).backward()
+    ce_heads = _grads(ce_model)
     # Reference 2: the KL's full gradient (plain backward through everything), read at heads 2..n.
     kl_model = tiny_dynamo()
-    (w * head1_distillation_kl(kl_model(ids).logits, temperature).sum()).backward()
+    kl_logits = kl_model(ids).logits
+    (w * head1_distillation_kl(kl_logits[:, 0], kl_logits[:, 1:], temperature).sum()).backward()
     kl_grads = _grads(kl_model)
 
-    assert got.keys() == ce_grads.keys()
-    outside = [n for n, p in model.named_parameters() if id(p) not in new_heads]
-    assert {"embed_in.weight", "embed_out.weight", "heads.0.layer.mlp.dense_h_to_4h.weight"} <= set(outside)
-    for name in outside:  # stem, head 1, embed_in/embed_out: exactly the CE's gradient
-        assert torch.equal(got[name], ce_grads[name]), name
-    for name, _ in model.named_parameters():
-        if name.startswith(("heads.1.", "heads.2.")):
-            torch.testing.assert_close(got[name], ce_grads[name] + kl_grads[name], rtol=1e-5, atol=1e-7)
+    assert head1.keys() == {n for n, p in model.named_parameters() if id(p) not in new_heads}
+    assert {"embed_in.weight", "embed_out.weight", "heads.0.layer.mlp.dense_h_to_4h.weight"} <= set(head1)
+    for name in head1:  # stem, head 1, embed_in/embed_out: exactly head 1's CE gradient
+        assert torch.equal(head1[name], ce_head1[name]), name
+    for name in heads:
+        if name in shared:  # only the CE's share, at LR_MB
+            torch.testing.assert_close(heads[name], ce_heads[name], rtol=1e-5, atol=1e-7)
+        else:
+            torch.testing.assert_close(heads[name], ce_heads[name] + kl_grads[name], rtol=1e-5, atol=1e-7)
             assert kl_grads[name].abs().max() > 0, name
     # ... while the same KL through plain backward would have moved the stem and embed_out.
     assert kl_grads["stem.0.attention.query_key_value.weight"].abs().max() > 0
     assert kl_grads["embed_out.weight"].abs().max() > 0
-    assert losses.kl.shape == (2,) and losses.ce.shape == (3,)
+    assert grads.kl.shape == (2,) and grads.ce.shape == (3,)
 
 
-def test_distill_zero_is_the_plain_objective_bit_for_bit():
+def test_without_distillation_the_sources_add_up_to_the_plain_objective():
     ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
     a, b = tiny_dynamo(), tiny_dynamo()
-    losses = backward_losses(a, a(ids).logits, ids, 0.0, 0.7, accum=2)
+    sources = gradient_sources(a, 1e-4)
+    grads = source_gradients(*a.source_logits(ids), ids, sources, 0.0, 0.7, accum=2)
     (multi_token_loss(b(ids).logits, ids).total / 2).backward()
-    assert losses.kl.numel() == 0
-    ga, gb = _grads(a), _grads(b)
-    assert ga.keys() == gb.keys() and all(torch.equal(ga[k], gb[k]) for k in ga)
+    assert grads.kl.numel() == 0
+    head1, heads = _named(a, sources, grads)
+    plain = _grads(b)
+    for name in plain:
+        parts = [g[name] for g in (head1, heads) if name in g]
+        torch.testing.assert_close(sum(parts), plain[name], rtol=1e-5, atol=1e-7)
+        if len(parts) == 1:  # head 1's own weights and heads 2..n's: one source only
+            assert torch.equal(parts[0], plain[name]), name
 
 
 def test_full_distillation_leaves_the_stem_to_head_1():
     # W = 1: heads 2..n learn from head 1 only, so nothing from them reaches the stem.
     ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(4))
     a, b = tiny_dynamo(), tiny_dynamo()
-    backward_losses(a, a(ids).logits, ids, 1.0, 1.0)
+    sources = gradient_sources(a, 1e-4)
+    head1, heads = _named(a, sources, source_gradients(*a.source_logits(ids), ids, sources, 1.0, 1.0))
     multi_token_loss(b(ids).logits, ids).per_head[0].backward()
-    ga, gb = _grads(a), _grads(b)
-    outside = [n for n in ga if not n.startswith(("heads.1.", "heads.2."))]
-    assert "stem.0.attention.dense.weight" in outside and "embed_out.weight" in outside
-    for name in outside:
-        assert torch.equal(ga[name], gb[name]), name
+    plain = _grads(b)
+    assert "stem.0.attention.dense.weight" in head1 and "embed_out.weight" in head1
+    for name in head1:
+        assert torch.equal(head1[name], plain[name]), name
+    for name in ("stem.0.attention.dense.weight", "embed_out.weight", "embed_in.weight"):
+        assert heads[name].abs().max() == 0, name
 
 
 # -- training runs ----------------------------------------------------------------------------------
@@ -206,7 +227,8 @@ def _val_kl(model_dir, val_file, temperature):
     ids = np.fromfile(val_file, dtype=np.uint16)[:200].astype(np.int64)
     model = DynaMoForCausalLM.from_pretrained(model_dir)
     with torch.no_grad():
-        return head1_distillation_kl(model(torch.from_numpy(ids).view(10, 20)).logits, temperature)
+        logits = model(torch.from_numpy(ids).view(10, 20)).logits
+        return head1_distillation_kl(logits[:, 0], logits[:, 1:], temperature)
 
 
 def test_distilled_run_logs_ce_and_kl_resumes_exactly_and_lowers_the_kl(token_files, tmp_path):

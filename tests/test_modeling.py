@@ -12,7 +12,6 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from dynamo_export import DynaMoConfig, DynaMoForCausalLM
 from dynamo_export.errors import CheckpointError
-from dynamo_export.modeling import scale_gradient
 
 VOCAB = 97
 
@@ -133,29 +132,21 @@ def test_extra_parameters_are_n_minus_1_decoder_layers(saved_base):
     assert sum(p.numel() for p in model.parameters()) == base_params + 2 * (layer + final_ln)
 
 
-def test_gradient_scaling_multiplies_branch_gradient():
-    x = torch.randn(3, 4, requires_grad=True)
-    (scale_gradient(x, 0.1) * torch.arange(12.0).view(3, 4)).sum().backward()
-    torch.testing.assert_close(x.grad, 0.1 * torch.arange(12.0).view(3, 4))
-
-
-def test_stem_gradient_from_extra_heads_is_scaled(saved_base):
-    """Gradient at the stem = head-1 part + scale * extra-heads part, checked against two unscaled runs."""
+def test_source_logits_are_the_forward_logits_split_after_head_1(saved_base):
+    """Training's per-source logits: the same values, and head 1's have no path into heads 2..n."""
     model = DynaMoForCausalLM.from_gpt_neox(saved_base, num_token_heads=3).train()
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
-    probe = model.stem[0].attention.dense.weight
+    first, rest = model.source_logits(ids)
+    with torch.no_grad():
+        full = model(ids).logits  # (B, n, T, V)
+    assert first.shape == (2, 12, VOCAB) and rest.shape == (2, 2, 12, VOCAB)
+    torch.testing.assert_close(first, full[:, 0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(rest, full[:, 1:], rtol=0, atol=1e-6)
+    extra = [p for head in model.heads[1:] for p in head.parameters()]
+    assert all(g is None for g in torch.autograd.grad(first.sum(), extra, allow_unused=True))
 
-    def stem_grad(scale: float, heads: list[int]) -> torch.Tensor:
-        model.zero_grad()
-        model.branch_grad_scale = scale
-        logits = model(ids).logits
-        logits[:, heads].pow(2).mean().mul(len(heads)).backward()
-        return probe.grad.clone()
-
-    head1 = stem_grad(1.0, [0])
-    extra = stem_grad(1.0, [1, 2])
-    scaled = stem_grad(0.1, [0, 1, 2])
-    torch.testing.assert_close(scaled, head1 + 0.1 * extra, rtol=1e-4, atol=1e-7)
+    single = DynaMoForCausalLM.from_gpt_neox(saved_base, num_token_heads=1)
+    assert single.source_logits(ids)[1] is None
 
 
 def test_config_carries_head_fields_and_validates():

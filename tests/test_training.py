@@ -11,22 +11,18 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from dynamo_export import DynaMoForCausalLM
 from dynamo_export.cli.train import main as train_main
+from dynamo_export.distill import source_gradients
 from dynamo_export.errors import CheckpointError, TokenFileError, TrainingError
 from dynamo_export.losses import head_log_likelihoods, joint_log_likelihood, multi_token_loss
-from dynamo_export.tokens import write_token_file
-from dynamo_export.training import (
-    TrainConfig,
-    build_optimizer,
-    lr_multiplier,
-    param_groups,
-    save_gpt_neox,
-    train,
-)
+from dynamo_export.tokens import open_tokens, write_token_file
+from dynamo_export.train_state import STATE_JSON
+from dynamo_export.training import ThreeRateAdamW, TrainConfig, lr_multiplier, save_gpt_neox, train
 
 VOCAB = 64
 TINY = {
@@ -144,66 +140,159 @@ def test_head_log_likelihoods_share_positions_and_joint_is_their_sum():
 # -- learning rates ---------------------------------------------------------------------------------
 
 
-def _stem_grads(model, ids, heads):
-    model.zero_grad(set_to_none=True)
-    loss = multi_token_loss(model(ids).logits, ids).per_head[heads].sum()
-    loss.backward()
-    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-
-@pytest.mark.parametrize("scale", [0.25, 0.1])
-def test_branch_gradient_reaches_the_stem_scaled(scale):
-    scaled, plain = tiny_dynamo().train(), tiny_dynamo().train()
-    scaled.branch_grad_scale, plain.branch_grad_scale = scale, 1.0
-    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
-    stem = [k for k, _ in plain.named_parameters() if k.startswith(("stem.", "embed_in."))]
-    new_heads = [k for k, _ in plain.named_parameters() if k.startswith(("heads.1.", "heads.2."))]
-
-    extra_scaled, extra_plain = (
-        _stem_grads(scaled, ids, slice(1, None)),
-        _stem_grads(plain, ids, slice(1, None)),
-    )
-    for k in stem:
-        if scale == 0.25:  # a power of two commutes exactly with every float op of the backward pass
-            assert torch.equal(extra_scaled[k], scale * extra_plain[k]), k
-        else:
-            atol = 1e-6 * extra_plain[k].abs().max().item()  # float rounding, relative to the gradient's size
-            torch.testing.assert_close(extra_scaled[k], scale * extra_plain[k], rtol=1e-5, atol=atol)
-        assert extra_plain[k].abs().max() > 0, k
-    for k in new_heads:  # the heads' own gradient is not scaled
-        assert torch.equal(extra_scaled[k], extra_plain[k]), k
-
-    head1_scaled, head1_plain = _stem_grads(scaled, ids, slice(0, 1)), _stem_grads(plain, ids, slice(0, 1))
-    for k in stem:  # head 1's path into the stem is untouched
-        assert torch.equal(head1_scaled[k], head1_plain[k]), k
-
-    total = _stem_grads(scaled, ids, slice(None))
-    for k in stem:
-        atol = 1e-6 * total[k].abs().max().item()
-        torch.testing.assert_close(total[k], head1_plain[k] + scale * extra_plain[k], rtol=1e-5, atol=atol)
-
-
 def test_param_groups_hold_exactly_the_right_parameters(token_files, tmp_path):
     model = tiny_dynamo(n=3)
     cfg = tiny_config(token_files, tmp_path, lr_b=1e-5, lr_m=1e-3, lr_mb=1e-6, weight_decay=0.1)
     names = {id(p): n for n, p in model.named_parameters()}
-    groups = {g["name"]: (g, sorted(names[id(p)] for p in g["params"])) for g in param_groups(model, cfg)}
-    assert set(groups) == {"base", "base_no_decay", "heads", "heads_no_decay"}
-    base = groups["base"][1] + groups["base_no_decay"][1]
-    heads = groups["heads"][1] + groups["heads_no_decay"][1]
+    optimizer = ThreeRateAdamW(model, cfg)
+    assert list(optimizer.optimizers) == ["head1", "heads"]  # head 1's step (and the decay) first
+    groups = {
+        (source, g["name"]): (g, sorted(names[id(p)] for p in g["params"]))
+        for source, opt in optimizer.optimizers.items()
+        for g in opt.param_groups
+    }
+    assert set(groups) == {
+        ("head1", "base"),
+        ("head1", "base_no_decay"),
+        ("heads", "heads"),
+        ("heads", "heads_no_decay"),
+        ("heads", "shared"),
+    }
+    base = groups["head1", "base"][1] + groups["head1", "base_no_decay"][1]
+    heads = groups["heads", "heads"][1] + groups["heads", "heads_no_decay"][1]
+    shared = groups["heads", "shared"][1]
+    assert sorted(base + heads) == sorted(names.values())  # every parameter exactly once per source
     assert all(n.startswith(("embed_in.", "stem.", "heads.0.", "embed_out.")) for n in base)
     assert all(n.startswith(("heads.1.", "heads.2.")) for n in heads)
-    assert sorted(base + heads) == sorted(names.values())  # every parameter exactly once
-    assert {"embed_in.weight", "embed_out.weight", "heads.0.final_layer_norm.weight"} <= set(base)
-    assert groups["base"][0]["lr"] == 1e-5 and groups["heads"][0]["lr"] == 1e-3
-    assert groups["base"][0]["weight_decay"] == 0.1 and groups["heads_no_decay"][0]["weight_decay"] == 0.0
-    assert all(n.endswith(".weight") and "norm" not in n for n in groups["base"][1] + groups["heads"][1])
-    optimizer, _ = build_optimizer(model, cfg)
-    assert model.branch_grad_scale == pytest.approx(1e-6 / 1e-5)
-    assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["eps"] == 1e-8
+    assert shared == sorted(n for n in base if not n.startswith("heads.0."))  # what heads 2..n read
+    assert {"embed_in.weight", "embed_out.weight", "stem.0.attention.dense.weight"} <= set(shared)
+    rates = {key: (g["lr"], g["weight_decay"]) for key, (g, _) in groups.items()}
+    assert rates["head1", "base"] == (1e-5, 0.1) and rates["head1", "base_no_decay"] == (1e-5, 0.0)
+    assert rates["heads", "heads"] == (1e-3, 0.1) and rates["heads", "heads_no_decay"] == (1e-3, 0.0)
+    assert rates["heads", "shared"] == (1e-6, 0.0)  # base weights decay once, in head 1's step
+    assert all(n.endswith(".weight") and "norm" not in n for n in groups["head1", "base"][1])
+    adam = optimizer.optimizers["heads"].defaults
+    assert adam["betas"] == (0.9, 0.95) and adam["eps"] == 1e-8
 
-    base_only = {g["name"] for g in param_groups(tiny_dynamo(n=1), cfg)}
-    assert base_only == {"base", "base_no_decay"}
+    no_mb = ThreeRateAdamW(tiny_dynamo(n=3), replace(cfg, lr_mb=0.0))
+    assert [g["name"] for g in no_mb.optimizers["heads"].param_groups] == ["heads", "heads_no_decay"]
+    assert list(ThreeRateAdamW(tiny_dynamo(n=1), cfg).optimizers) == ["head1"]
+
+
+def _base_names(model):
+    return [n for n, _ in model.named_parameters() if not n.startswith(("heads.1.", "heads.2."))]
+
+
+def _reference_run(cfg, model, params, groups, loss_of_logits):
+    """A hand-written AdamW loop over `params` on the trainer's batches, with its schedule and clipping."""
+    ids, _ = open_tokens(cfg.train)
+    window = cfg.seq_len + cfg.num_token_heads  # the trainer's windows, whatever `model` is
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
+    peak = [g["lr"] for g in optimizer.param_groups]
+    for step in range(cfg.steps):
+        warmup = cfg.warmup_steps
+        if step < warmup:
+            multiplier = (step + 1) / warmup
+        else:
+            multiplier = 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / (cfg.steps - warmup))))
+        for group, lr in zip(optimizer.param_groups, peak, strict=True):
+            group["lr"] = lr * multiplier
+        for micro in range(cfg.grad_accum):  # the trainer's micro-batch k: offsets drawn from (seed, k)
+            rng = np.random.default_rng([cfg.seed, step * cfg.grad_accum + micro])
+            starts = rng.integers(0, len(ids) - window + 1, size=cfg.batch_size)
+            batch = torch.from_numpy(
+                np.stack([np.asarray(ids[s : s + window], dtype=np.int64) for s in starts])
+            )
+            logits = model(batch[:, : cfg.seq_len]).logits  # (B, n, T, V)
+            (loss_of_logits(logits, batch) / cfg.grad_accum).backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+    return model
+
+
+def _ce(logits, batch, head):  # head i's mean cross-entropy (i from 1), every position labelled
+    seq = logits.shape[2]
+    nll = F.cross_entropy(
+        logits[:, head - 1].reshape(-1, VOCAB).float(),
+        batch[:, head : head + seq].reshape(-1),
+        reduction="none",
+    )
+    return nll.view(batch.shape[0], seq).mean()
+
+
+def _decay_groups(params, lr, weight_decay):
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "lr": lr, "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "lr": lr, "weight_decay": 0.0},
+    ]
+
+
+def test_with_lr_mb_zero_the_base_follows_head_1_alone(token_files, tmp_path):
+    """LR_MB = 0: embed_in, stem, head 1 and embed_out move exactly as head 1's loss alone moves them.
+
+    The reference trains the base alone: a one-head model with the same starting weights, plain AdamW on
+    head 1's cross-entropy, over the same batches with the same schedule, decay groups and clipping.
+    """
+    cfg = tiny_config(
+        token_files, tmp_path, lr_mb=0.0, steps=6, grad_accum=2, warmup_frac=0.2, weight_decay=0.1, clip=0.5
+    )
+    final = load_file(train(cfg, progress=False) / "model.safetensors")
+
+    start = tiny_dynamo(n=3, seed=cfg.seed).state_dict()  # the trainer's fresh model (same seed, same draws)
+    base = tiny_dynamo(n=1, seed=cfg.seed).train()  # the same base weights, no heads 2..n
+    assert all(torch.equal(start[name], value) for name, value in base.state_dict().items())
+    params = list(base.parameters())
+    groups = _decay_groups(params, cfg.lr_b, cfg.weight_decay)
+    _reference_run(cfg, base, params, groups, lambda logits, batch: _ce(logits, batch, 1))
+
+    reference = base.state_dict()
+    assert set(reference) == set(_base_names(tiny_dynamo(n=3)))
+    for name in reference:
+        assert torch.equal(final[name], reference[name]), (name, (final[name] - reference[name]).abs().max())
+        assert not torch.equal(final[name], start[name]), name
+    name = "heads.1.layer.mlp.dense_4h_to_h.weight"
+    assert not torch.equal(final[name], start[name])  # heads 2..n did train (at LR_M)
+    log = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert any(r["grad_norm"]["head1"] > cfg.clip for r in log[1:])  # clipping took part
+    assert log[3]["lr"] == pytest.approx(
+        {k: v * lr_multiplier(2, 6, 1) for k, v in {"lr_b": cfg.lr_b, "lr_m": cfg.lr_m, "lr_mb": 0.0}.items()}
+    )
+
+
+def test_heads_move_the_shared_weights_at_lr_mb_with_their_own_adam_state(token_files, tmp_path):
+    """LR_B ~ 0: the shared base weights move as AdamW on heads 2..n's loss at LR_MB (and heads 2..n at LR_M)."""
+    cfg = tiny_config(
+        token_files, tmp_path, lr_b=1e-12, lr_m=3e-3, lr_mb=1e-3, steps=6, grad_accum=2, warmup_frac=0.2,
+        weight_decay=0.1, clip=0.5,
+    )  # fmt: skip
+    final = load_file(train(cfg, progress=False) / "model.safetensors")
+
+    model = tiny_dynamo(n=3, seed=cfg.seed).train()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    named = dict(model.named_parameters())
+    own = [p for n, p in named.items() if n.startswith(("heads.1.", "heads.2."))]
+    shared = [p for n, p in named.items() if n.startswith(("embed_in.", "stem.", "embed_out."))]
+    groups = [
+        *_decay_groups(own, cfg.lr_m, cfg.weight_decay),
+        {"params": shared, "lr": cfg.lr_mb, "weight_decay": 0.0},
+    ]
+
+    def heads_loss(logits, batch):
+        return _ce(logits, batch, 2) + _ce(logits, batch, 3)
+
+    _reference_run(cfg, model, own + shared, groups, heads_loss)
+
+    reference = model.state_dict()
+    for name in named:
+        if name.startswith("heads.0."):  # LR_B ~ 0: head 1's own weights stay put
+            torch.testing.assert_close(final[name], start[name], rtol=0, atol=1e-9)
+        else:
+            torch.testing.assert_close(
+                final[name], reference[name], rtol=0, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}"
+            )
+    for name in ("embed_out.weight", "stem.0.attention.query_key_value.weight", "embed_in.weight"):
+        assert (final[name] - start[name]).abs().max() > 1e-3, name  # moved by the heads, at LR_MB
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero(token_files, tmp_path):
@@ -212,19 +301,30 @@ def test_lr_schedule_warms_up_then_decays_to_zero(token_files, tmp_path):
     assert lr_multiplier(200, 200, 2) == 0.0
     assert lr_multiplier(0, 50, 0) == 1.0  # no warm-up
 
-    cfg = tiny_config(token_files, tmp_path, steps=300, warmup_frac=0.01)
-    model = tiny_dynamo()
-    optimizer, scheduler = build_optimizer(model, cfg)
-    lrs = []
-    for _ in range(cfg.steps):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
+    cfg = tiny_config(token_files, tmp_path, steps=300, warmup_frac=0.01, lr_b=3e-3, lr_m=1e-2, lr_mb=1e-4)
+    optimizer = ThreeRateAdamW(tiny_dynamo(), cfg)
+    rates = [optimizer.rates(step) for step in range(cfg.steps)]
+    lrs = [r["lr_b"] for r in rates]
     assert cfg.warmup_steps == 3
     assert lrs[:3] == pytest.approx([1e-3, 2e-3, 3e-3])
     assert max(lrs) == pytest.approx(3e-3) and lrs.index(max(lrs)) == 2
     assert all(a >= b for a, b in itertools.pairwise(lrs[2:]))
-    assert 0 < lrs[-1] < 1e-6 and optimizer.param_groups[0]["lr"] == 0.0
+    assert 0 < lrs[-1] < 1e-6 and optimizer.rates(cfg.steps)["lr_b"] == 0.0
+    # One schedule multiplies all three rates.
+    assert all(r["lr_m"] == pytest.approx(10 / 3 * r["lr_b"]) for r in rates)
+    assert all(r["lr_mb"] == pytest.approx(r["lr_b"] / 30) for r in rates)
+    # ... and it is what the AdamW groups step with.
+    model = tiny_dynamo()
+    optimizer = ThreeRateAdamW(model, cfg)
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(5))
+    optimizer.accumulate(source_gradients(*model.source_logits(ids), ids, optimizer.sources, 0.0, 1.0))
+    optimizer.step(1)
+    used = {g["lr_name"]: g["lr"] for opt in optimizer.optimizers.values() for g in opt.param_groups}
+    assert (
+        used
+        == optimizer.rates(1)
+        == {"lr_b": 2e-3, "lr_m": pytest.approx(2e-3 * 10 / 3), "lr_mb": 1e-4 * 2 / 3}
+    )
 
 
 # -- training runs ----------------------------------------------------------------------------------
@@ -236,6 +336,9 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(token_files, tm
     split_cfg = replace(cfg, out=str(tmp_path / "split"))
     checkpoint = train(split_cfg, stop_at=6, progress=False)
     assert checkpoint.name == "step-6" and (checkpoint / "trainer_state.safetensors").is_file()
+    state = load_file(checkpoint / "trainer_state.safetensors")
+    sources = {k.split(".")[1] for k in state if k.startswith("optimizer.")}
+    assert sources == {"head1", "heads"}  # the shared weights' second Adam state travels too
     resumed = train(split_cfg, resume=True, progress=False)
 
     full_w, resumed_w = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
@@ -316,7 +419,8 @@ def test_cli_trains_from_a_gpt_neox_checkpoint(token_files, tmp_path, capsys):
     records = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
     assert {"lr", "train_loss", "grad_norm", "tokens_per_s"} <= set(records[1])
-    assert set(records[1]["lr"]) == {"lr_b", "lr_m"} and len(records[2]["val_loss"]) == 2
+    assert set(records[1]["lr"]) == {"lr_b", "lr_m", "lr_mb"} and len(records[2]["val_loss"]) == 2
+    assert set(records[1]["grad_norm"]) == {"head1", "heads"}
 
 
 # -- errors -----------------------------------------------------------------------------------------
@@ -372,6 +476,10 @@ def test_clear_errors_for_misconfigured_runs(token_files, tmp_path):
         train(cfg, progress=False)
     with pytest.raises(TrainingError, match=r"lr_b: checkpoint 0\.003 vs now 0\.001"):
         train(replace(cfg, lr_b=1e-3), resume=True, progress=False)
+    state = root / "f" / "checkpoints" / "step-2" / STATE_JSON
+    state.write_text(json.dumps({**json.loads(state.read_text()), "format": 1}))
+    with pytest.raises(TrainingError, match=r"LR_MB as a gradient scale \(format 1.*start a new --out"):
+        train(cfg, resume=True, progress=False)
 
     tiny_dynamo(n=2).save_pretrained(root / "t2")
     with pytest.raises(TrainingError, match="DynaMo model with 2 heads, not --num-token-heads 3"):

@@ -4,13 +4,16 @@ Examples:
   dynamo-train --train data/train.bin --val data/val.bin --out out/t3 --model base/ --num-token-heads 3
   dynamo-train --train data/train.bin --val data/val.bin --out out/base --layers 6 --hidden 256 --heads 8 \\
       --lr-b 1e-3 --steps 5000
-Rerun the same command with --resume to continue from the latest OUT/checkpoints/step-N.
+  torchrun --nproc_per_node=4 -m dynamo_export.cli.train ... --batch-size 32   # 4 processes, global batch 32
+Rerun the same command with --resume to continue from the latest OUT/checkpoints/step-N (under any
+number of processes).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -66,12 +69,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d = TrainConfig("", "", "")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training window")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per micro-batch")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help="windows per micro-batch, all processes together (the global batch)",
+    )
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps of the whole run")
-    p.add_argument("--lr-b", type=float, default=d.lr_b, help="base weights (stem + head 1)")
-    p.add_argument("--lr-m", type=float, default=d.lr_m, help="new heads 2..n")
-    p.add_argument("--lr-mb", type=float, default=d.lr_mb, help="gradient from heads 2..n into the stem")
+    p.add_argument(
+        "--lr-b",
+        type=float,
+        default=d.lr_b,
+        help="rate at which head 1's loss moves the base weights (embed_in, stem, head 1, embed_out)",
+    )
+    p.add_argument("--lr-m", type=float, default=d.lr_m, help="rate of heads 2..n's own weights")
+    p.add_argument(
+        "--lr-mb",
+        type=float,
+        default=d.lr_mb,
+        help="rate at which heads 2..n's loss moves the shared base weights (embed_in, stem, embed_out); "
+        "each source has its own AdamW state there. 0: heads 2..n leave the base weights alone",
+    )
     p.add_argument(
         "--warmup-frac",
         type=float,
@@ -176,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     except (DynaMoError, DynaMoRuntimeError) as exc:  # a tokenizer mismatch is the runtime's error
         sys.exit(f"dynamo-train: error: {exc}")
-    print(f"wrote {result}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+        print(f"wrote {result}")
 
 
 if __name__ == "__main__":
