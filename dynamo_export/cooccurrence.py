@@ -34,8 +34,8 @@ Counting is a map-reduce over base-V int64 keys (a*V + b, (a*V + b)*V + c):
 Memory: a map task holds about 50 bytes per shard token (200 MB for the default 4M),
 a reduce task about 40 bytes per run entry of its range, and the parent only the
 surviving keys and counts (16 bytes per n-gram) plus W. On a cluster the same two
-steps become a Spark/Beam job: map shards to (key, count) pairs, reduceByKey with a
-range partitioner, filter, then one pass that divides by the broadcast unigram counts.
+steps run as a Spark job (dynamo_export/cooccurrence_spark.py, `dynamo-cooccur --engine
+spark`), built from this module's count_shard, key_ranges, merge_runs and ngram_weights.
 """
 
 from __future__ import annotations
@@ -103,16 +103,7 @@ def build_cooccurrence(
     """
     out = Path(out_dir)
     fingerprint = _masks_fingerprint(tokens_path, tokenizer)
-    if tuple(sorted(orders)) not in SUPPORTED_ORDERS:
-        raise CooccurrenceError(
-            f"orders must be one of {[list(o) for o in SUPPORTED_ORDERS]}, got {list(orders)}: triples "
-            "are stored per pair, so order 3 needs order 2"
-        )
-    if (out.exists() or out.is_symlink()) and not force:  # fail before counting, not after
-        raise CooccurrenceFileError(
-            f"{out} already exists; pass force=True (dynamo-cooccur --force) to replace it"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_build(out, orders, force)
     counts = count_ngrams(
         tokens_path,
         orders,
@@ -135,15 +126,34 @@ def build_cooccurrence(
     )
 
 
+def check_build(out: Path, orders: Sequence[int], force: bool) -> None:
+    """Refuse unsupported orders or an existing `out` without force before counting, not after; make its parent."""
+    if tuple(sorted(orders)) not in SUPPORTED_ORDERS:
+        raise CooccurrenceError(
+            f"orders must be one of {[list(o) for o in SUPPORTED_ORDERS]}, got {list(orders)}: triples "
+            "are stored per pair, so order 3 needs order 2"
+        )
+    if (out.exists() or out.is_symlink()) and not force:
+        raise CooccurrenceFileError(
+            f"{out} already exists; pass force=True (dynamo-cooccur --force) to replace it"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
 def _masks_fingerprint(tokens_path: str | os.PathLike, tokenizer: str | os.PathLike | None) -> str | None:
-    """The fingerprint the masks record: the token file's, checked against `tokenizer` when given."""
     recorded = read_token_meta(tokens_path).tokenizer_fingerprint
+    return masks_fingerprint(recorded, f"token file {tokens_path}", tokenizer)
+
+
+def masks_fingerprint(recorded: str | None, source: str, tokenizer: str | os.PathLike | None) -> str | None:
+    """The fingerprint the masks record: the token file's (`recorded`, read from `source`), checked against
+    `tokenizer` when given."""
     if tokenizer is None:
         return recorded
     given = tokenizer_fingerprint(tokenizer)
     check_same_tokenizer(
         recorded,
-        f"token file {tokens_path}",
+        source,
         given,
         f"--tokenizer {tokenizer}",
         f"re-tokenize the text with dynamo-data tokenize --tokenizer {tokenizer}, or pass the tokenizer "
@@ -181,7 +191,7 @@ def count_ngrams(
     """Unigram counts and the in-document n-grams of each order seen >= min_count times (map-reduce above)."""
     meta = read_token_meta(tokens_path)
     orders = tuple(sorted(set(orders)))
-    _check_args(orders, min_count, workers, shard_tokens, reduce_keys, meta.vocab_size)
+    check_count_args(orders, min_count, workers, shard_tokens, reduce_keys, meta.vocab_size)
     workers = workers or os.cpu_count() or 1
     shards = [(s, min(s + shard_tokens, meta.num_tokens)) for s in range(0, meta.num_tokens, shard_tokens)]
     with (
@@ -210,9 +220,10 @@ def count_ngrams(
     return NgramCounts(meta.vocab_size, meta.eot_id, meta.num_tokens, min_count, unigrams, ngrams)
 
 
-def _check_args(
+def check_count_args(
     orders: tuple[int, ...], min_count: int, workers: int | None, shard_tokens: int, reduce_keys: int, V: int
 ) -> None:
+    """CooccurrenceError for counting arguments no engine can honour (`orders` sorted and unique)."""
     if not orders or orders[0] < 2:
         raise CooccurrenceError(f"orders must be integers >= 2, got {list(orders)}")
     if V ** orders[-1] - 1 > np.iinfo(np.int64).max:
@@ -254,22 +265,32 @@ def _map_shard(
 ) -> tuple[np.ndarray, dict[int, tuple[str, str, int]], tuple[int, int]]:
     """Count the n-grams starting in [start, end): (unigram bincount, {order: (keys.npy, counts.npy, N_n)})."""
     ids, meta = open_tokens(tokens_path)
-    segment = np.asarray(ids[start : min(end + orders[-1] - 1, meta.num_tokens)], dtype=np.int64)
-    unigrams = np.bincount(segment[: end - start], minlength=meta.vocab_size)
+    segment = ids[start : min(end + orders[-1] - 1, meta.num_tokens)]
+    unigrams, counted = count_shard(segment, end - start, orders, meta.vocab_size, meta.eot_id)
     runs = {}
-    for n in orders:
-        keys, positions = _shard_keys(segment, end - start, n, meta.vocab_size, meta.eot_id)
-        keys, counts = np.unique(keys, return_counts=True)
+    for n, (keys, counts, positions) in counted.items():
         base = Path(tmp) / f"map-{n}-{index:06d}"
-        runs[n] = (
-            _save(f"{base}-keys.npy", keys),
-            _save(f"{base}-counts.npy", counts.astype(np.int64)),
-            positions,
-        )
+        runs[n] = (_save(f"{base}-keys.npy", keys), _save(f"{base}-counts.npy", counts), positions)
     return unigrams, runs, (start, end)
 
 
-def _shard_keys(segment: np.ndarray, starts: int, n: int, V: int, eot_id: int) -> tuple[np.ndarray, int]:
+def count_shard(
+    segment: np.ndarray, starts: int, orders: tuple[int, ...], V: int, eot_id: int
+) -> tuple[np.ndarray, dict[int, tuple[np.ndarray, np.ndarray, int]]]:
+    """A shard's map step: the unigram bincount of segment[:starts] and, per order, the sorted run
+    (keys, int64 counts, N_n) of the in-document n-grams starting there. `segment` holds the shard's
+    tokens plus up to orders[-1] - 1 tokens past its end."""
+    segment = np.asarray(segment, dtype=np.int64)
+    unigrams = np.bincount(segment[:starts], minlength=V)
+    runs = {}
+    for n in orders:
+        keys, positions = shard_keys(segment, starts, n, V, eot_id)
+        keys, counts = np.unique(keys, return_counts=True)
+        runs[n] = (keys, counts.astype(np.int64), positions)
+    return unigrams, runs
+
+
+def shard_keys(segment: np.ndarray, starts: int, n: int, V: int, eot_id: int) -> tuple[np.ndarray, int]:
     """Base-V keys of the in-document n-grams starting at segment[:starts]; eot only in last place."""
     m = max(0, min(starts, segment.size - n + 1))  # starts whose n-gram lies inside the file
     keys = segment[:m].copy()
@@ -325,9 +346,17 @@ def _run_entries(runs: list[tuple[str, str]]) -> int:
 
 
 def _key_ranges(run_keys: Iterable[str], parts: int) -> list[tuple[int, int | None]]:
-    """Cut the key space into about `parts` [lo, hi) ranges of similar size; hi None means 'to the end'."""
-    samples = [_load(path) for path in run_keys]
-    samples = [s[:: max(1, s.size // _SAMPLES_PER_RUN)] for s in samples]
+    return key_ranges([run_sample(_load(path)) for path in run_keys], parts)
+
+
+def run_sample(keys: np.ndarray, size: int = _SAMPLES_PER_RUN) -> np.ndarray:
+    """About `size` evenly spaced keys of a sorted run."""
+    return np.asarray(keys[:: max(1, keys.size // size)])
+
+
+def key_ranges(samples: list[np.ndarray], parts: int) -> list[tuple[int, int | None]]:
+    """Cut the key space into about `parts` [lo, hi) ranges of similar size, at quantiles of the runs'
+    samples; hi None means 'to the end'."""
     sample = np.unique(np.concatenate(samples)) if samples else np.zeros(0, dtype=np.int64)
     if parts <= 1 or sample.size <= 1:
         return [(0, None)]
@@ -347,8 +376,19 @@ def _reduce_range(
         b = keys.size if hi is None else int(np.searchsorted(keys, hi))
         key_parts.append(np.array(keys[a:b]))
         count_parts.append(np.array(_load(counts_path)[a:b]))
-    keys, counts = np.concatenate(key_parts), np.concatenate(count_parts)
-    del key_parts, count_parts
+    keys, counts = merge_runs(key_parts, count_parts, min_count)
+    return lo, _save(f"{out_base}-keys.npy", keys), _save(f"{out_base}-counts.npy", counts), keys.size
+
+
+def merge_runs(
+    key_parts: list[np.ndarray], count_parts: list[np.ndarray], min_count: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A reduce step: sum the counts of equal keys over sorted runs, keep those >= min_count. The lists are
+    emptied, so the parts are freed once concatenated."""
+    keys = np.concatenate(key_parts) if key_parts else np.zeros(0, dtype=np.int64)
+    counts = np.concatenate(count_parts) if count_parts else np.zeros(0, dtype=np.int64)
+    key_parts.clear()
+    count_parts.clear()
     order = np.argsort(keys, kind="stable")  # timsort: linear-ish on a concatenation of sorted runs
     keys, counts = keys[order], counts[order]
     del order
@@ -356,8 +396,7 @@ def _reduce_range(
         first = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
         keys, counts = keys[first], np.add.reduceat(counts, first)
     keep = counts >= min_count
-    keys, counts = keys[keep], counts[keep]
-    return lo, _save(f"{out_base}-keys.npy", keys), _save(f"{out_base}-counts.npy", counts), keys.size
+    return keys[keep], counts[keep]
 
 
 def _load(path: str) -> np.ndarray:

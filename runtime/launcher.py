@@ -1,8 +1,8 @@
 """The console scripts' entry points: each checks that its extra is installed before importing anything.
 
 `pip install dynamo-export` (no extras) installs every console script, but only
-`dynamo-generate` and `dynamo-bench` run on the runtime alone; the others need
-PyTorch and friends, the `export` extra. Their entry points live here, in the
+`dynamo-generate`, `dynamo-bench` and `dynamo-cooccur` run on the base install;
+the others need PyTorch and friends, the `export` extra. Their entry points live here, in the
 torch-free layer, so that a missing extra ends in one line naming the install
 command instead of an import traceback:
 
@@ -39,7 +39,8 @@ COMMANDS = {
     "dynamo-data": Command("dynamo_export.cli.data:main", "export"),
     "dynamo-train": Command("dynamo_export.cli.train:main", "export"),
     "dynamo-eval": Command("dynamo_export.cli.eval:main", "export"),
-    "dynamo-cooccur": Command("dynamo_export.cli.cooccur:main", "export"),
+    # numpy/scipy counting; --engine spark names the "spark" extra itself when pyspark is missing
+    "dynamo-cooccur": Command("dynamo_export.cli.cooccur:main", None),
     "dynamo-export": Command("converters.cli:main", "export"),
     "dynamo-generate": Command("runtime.cli:main", None),
     "dynamo-bench": Command("dynamo_bench.cli:main", None),

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPORT_INSTALL = 'pip install "dynamo-export[export]"'
 # What a wheel needs: pyproject.toml's packages.find include list, the readme, the build config.
 SOURCES = ("pyproject.toml", "README.md", "runtime", "converters", "dynamo_export", "dynamo_bench")
-NEEDS_EXPORT = ("dynamo-export", "dynamo-train", "dynamo-eval", "dynamo-data", "dynamo-cooccur")
+NEEDS_EXPORT = ("dynamo-export", "dynamo-train", "dynamo-eval", "dynamo-data")
 PIP_TIMEOUT_S = 900
 
 pytestmark = pytest.mark.slow
@@ -95,9 +95,14 @@ def test_commands_that_need_the_export_extra_say_so_in_one_line(runtime_only, tm
 
 
 def test_runtime_commands_run(runtime_only, tmp_path):
-    for command in ("dynamo-generate", "dynamo-bench"):
+    for command in ("dynamo-generate", "dynamo-bench", "dynamo-cooccur"):
         done = _run(runtime_only, command, "--help", cwd=tmp_path)
         assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
+    spark = ("--engine", "spark", "--tokens", "t", "--out", "o")
+    done = _run(runtime_only, "dynamo-cooccur", *spark, cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    (line,) = done.stderr.splitlines()
+    assert line.endswith('pip install "dynamo-export[spark]"'), line
     done = _run(runtime_only, "dynamo-bench", "--scale", "--no-progress", cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     (line,) = done.stderr.splitlines()
