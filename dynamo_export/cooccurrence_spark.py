@@ -80,9 +80,9 @@ from dynamo_export.cooccurrence import (
     shard_keys,
 )
 from dynamo_export.errors import CooccurrenceError, TokenFileError
-from dynamo_export.tokens import TokenFileMeta
+from dynamo_export.tokens import TokenFileMeta, check_token_bytes, parse_token_header
 from runtime.cooccurrence_file import CooccurrenceMeta, save_cooccurrence
-from runtime.fingerprint import check_same_tokenizer, is_fingerprint
+from runtime.fingerprint import check_same_tokenizer
 from runtime.launcher import install_command
 
 if TYPE_CHECKING:
@@ -97,7 +97,6 @@ _RECORD_ENTRIES = (
     1 << 20
 )  # n-grams per record a reduce task yields (12 MB): the JVM never holds a whole range
 _FETCH_ENTRIES = 1 << 22  # n-grams per fetch job (~50 MB through the driver's JVM)
-_ID_DTYPES = ("uint16", "uint32")
 
 
 class SparkEngineError(CooccurrenceError):
@@ -432,36 +431,19 @@ def _read_source(fs, base: str) -> TokenSource:
         f"{base}{s}" if local else fs.unstrip_protocol(f"{base}{s}") for s in (".bin", ".json")
     )
     try:
-        raw = json.loads(fs.cat_file(f"{base}.json"))
+        text = fs.cat_file(f"{base}.json")
     except FileNotFoundError as exc:
         raise TokenFileError(
             f"{json_url} not found: a token file is NAME.bin + NAME.json (make one with dynamo-data)"
         ) from exc
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise TokenFileError(f"{json_url} cannot be read as a token-file header: {exc}") from exc
-    try:
-        meta = TokenFileMeta(
-            dtype=str(raw["dtype"]),
-            vocab_size=int(raw["vocab_size"]),
-            num_tokens=int(raw["num_tokens"]),
-            eot_id=int(raw["eot_id"]),
-            tokenizer_fingerprint=raw.get("tokenizer_fingerprint"),
-        )
-    except (ValueError, KeyError, TypeError) as exc:
-        raise TokenFileError(f"{json_url} is not a valid token-file header: {exc}") from exc
-    if meta.dtype not in _ID_DTYPES:
-        raise TokenFileError(f"{json_url}: dtype must be one of {list(_ID_DTYPES)}, got {meta.dtype!r}")
-    if meta.tokenizer_fingerprint is not None and not is_fingerprint(meta.tokenizer_fingerprint):
-        raise TokenFileError(f"{json_url}: tokenizer_fingerprint must be 64 hex digits")
+    meta = parse_token_header(text, json_url)
     try:
         size = fs.size(f"{base}.bin")
     except OSError as exc:
         raise TokenFileError(f"{bin_url} not found next to {json_url} ({exc})") from exc
-    if size != meta.num_tokens * np.dtype(meta.dtype).itemsize:
-        raise TokenFileError(
-            f"{bin_url} holds {size} bytes but its header declares {meta.num_tokens} {meta.dtype} tokens: "
-            "the file is truncated or does not belong to this header"
-        )
+    check_token_bytes(meta, size, bin_url)
     return TokenSource(url=bin_url, meta=meta)
 
 

@@ -84,7 +84,20 @@ def read_token_meta(path: str | os.PathLike) -> TokenFileMeta:
             f"{json_path} not found: a token file is NAME.bin + NAME.json (make one with dynamo-data)"
         )
     try:
-        raw = json.loads(json_path.read_text())
+        text = json_path.read_bytes()
+    except OSError as exc:
+        raise TokenFileError(f"{json_path} cannot be read as a token-file header: {exc}") from exc
+    meta = parse_token_header(text, json_path)
+    if not bin_path.is_file():
+        raise TokenFileError(f"{bin_path} not found next to {json_path}")
+    check_token_bytes(meta, bin_path.stat().st_size, bin_path)
+    return meta
+
+
+def parse_token_header(text: bytes | str, where: str | os.PathLike) -> TokenFileMeta:
+    """A token file's JSON header, checked; `where` names it in errors (a path or a URL)."""
+    try:
+        raw = json.loads(text)
         meta = TokenFileMeta(
             dtype=str(raw["dtype"]),
             vocab_size=int(raw["vocab_size"]),
@@ -93,23 +106,24 @@ def read_token_meta(path: str | os.PathLike) -> TokenFileMeta:
             tokenizer_fingerprint=raw.get("tokenizer_fingerprint"),
         )
     except (ValueError, KeyError, TypeError) as exc:
-        raise TokenFileError(f"{json_path} is not a valid token-file header: {exc}") from exc
+        raise TokenFileError(f"{where} is not a valid token-file header: {exc}") from exc
     if meta.dtype not in _DTYPES:
-        raise TokenFileError(f"{json_path}: dtype must be one of {sorted(_DTYPES)}, got {meta.dtype!r}")
+        raise TokenFileError(f"{where}: dtype must be one of {sorted(_DTYPES)}, got {meta.dtype!r}")
     if meta.tokenizer_fingerprint is not None and not is_fingerprint(meta.tokenizer_fingerprint):
         raise TokenFileError(
-            f"{json_path}: tokenizer_fingerprint must be 64 hex digits; re-tokenize with dynamo-data tokenize"
-        )
-    if not bin_path.is_file():
-        raise TokenFileError(f"{bin_path} not found next to {json_path}")
-    expected = meta.num_tokens * _DTYPES[meta.dtype].itemsize
-    actual = bin_path.stat().st_size
-    if actual != expected:
-        raise TokenFileError(
-            f"{bin_path} holds {actual} bytes but its header declares {meta.num_tokens} {meta.dtype} tokens "
-            f"({expected} bytes): the file is truncated or does not belong to this header"
+            f"{where}: tokenizer_fingerprint must be 64 hex digits; re-tokenize with dynamo-data tokenize"
         )
     return meta
+
+
+def check_token_bytes(meta: TokenFileMeta, size: int, where: str | os.PathLike) -> None:
+    """The .bin's size must be what its header declares."""
+    expected = meta.num_tokens * _DTYPES[meta.dtype].itemsize
+    if size != expected:
+        raise TokenFileError(
+            f"{where} holds {size} bytes but its header declares {meta.num_tokens} {meta.dtype} tokens "
+            f"({expected} bytes): the file is truncated or does not belong to this header"
+        )
 
 
 def open_tokens(path: str | os.PathLike) -> tuple[np.memmap, TokenFileMeta]:

@@ -177,3 +177,28 @@ def reuse_tiny_export(monkeypatch, tiny_artifact):
         return path
 
     monkeypatch.setattr(artifact, "export_onnx", export_onnx)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Training and evaluation tests on one torch thread: deterministic sums, no oversubscription."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def noisy_cycle_token_files(root: Path, vocab: int, stride: int, noise: float, seed: int, sizes=(4000, 600)):
+    """Train/val token files with learnable structure (token i = i * stride mod vocab, a share `noise`
+    of them random), so training losses can fall; returns the two .bin paths."""
+    from dynamo_export.tokens import write_token_file
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for name, size in zip(("train", "val"), sizes, strict=True):
+        ids = (np.arange(size) * stride) % vocab
+        noisy = rng.random(size) < noise
+        ids[noisy] = rng.integers(0, vocab, noisy.sum())
+        write_token_file(root / name, ids, vocab, eot_id=0)
+        paths.append(str(root / f"{name}.bin"))
+    return tuple(paths)

@@ -23,16 +23,10 @@ from dynamo_export.cooccurrence import build_cooccurrence
 from dynamo_export.tokens import open_tokens, write_token_file
 from runtime.cooccurrence import CooccurrenceMask
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 VOCAB = 40
 SEQ, BATCH, BATCHES, TOP_K, TEMPERATURE = 8, 4, 3, 6, 0.7
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

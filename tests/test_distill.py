@@ -17,9 +17,11 @@ from dynamo_export.cli.train import main as train_main
 from dynamo_export.distill import gradient_sources, new_head_parameters, source_gradients
 from dynamo_export.errors import TrainingError
 from dynamo_export.losses import head1_distillation_kl, multi_token_loss
-from dynamo_export.tokens import write_token_file
 from dynamo_export.train_state import STATE_JSON
 from dynamo_export.training import TrainConfig, train
+from tests.conftest import noisy_cycle_token_files
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 VOCAB = 48
 TINY = {
@@ -31,27 +33,11 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def token_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tokens")
-    rng = np.random.default_rng(1)
-
-    def make(name, size):
-        ids = (np.arange(size) * 5) % VOCAB
-        noise = rng.random(size) < 0.2
-        ids[noise] = rng.integers(0, VOCAB, noise.sum())
-        write_token_file(root / name, ids, VOCAB, eot_id=0)
-        return str(root / f"{name}.bin")
-
-    return make("train", 3000), make("val", 400)
+    return noisy_cycle_token_files(
+        tmp_path_factory.mktemp("tokens"), VOCAB, stride=5, noise=0.2, seed=1, sizes=(3000, 400)
+    )
 
 
 def tiny_config(token_files, out, **overrides) -> TrainConfig:

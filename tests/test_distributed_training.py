@@ -19,8 +19,10 @@ from safetensors.torch import load_file
 
 from dynamo_export.distributed import ProcessGroup
 from dynamo_export.errors import TrainingError
-from dynamo_export.tokens import write_token_file
 from dynamo_export.training import TrainConfig, WindowSampler, train
+from tests.conftest import noisy_cycle_token_files
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 VOCAB = 64
 TINY = {
@@ -33,27 +35,9 @@ TINY = {
 ATOL = 1e-5  # N processes sum the gradient in another order than one
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def token_files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tokens")
-    rng = np.random.default_rng(0)
-
-    def make(name, size):
-        ids = (np.arange(size) * 7) % VOCAB
-        noise = rng.random(size) < 0.1
-        ids[noise] = rng.integers(0, VOCAB, noise.sum())
-        write_token_file(root / name, ids, VOCAB, eot_id=0)
-        return str(root / f"{name}.bin")
-
-    return make("train", 4000), make("val", 600)
+    return noisy_cycle_token_files(tmp_path_factory.mktemp("tokens"), VOCAB, stride=7, noise=0.1, seed=0)
 
 
 def tiny_config(token_files, out, **overrides) -> TrainConfig:

@@ -18,16 +18,10 @@ from dynamo_export.evaluation import evaluate, load_eval_model, num_windows
 from dynamo_export.tokens import open_tokens, write_token_file
 from runtime.atomic import atomic_write_json
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 VOCAB = 50
 SEQ = 8
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_neox(seed: int = 0) -> GPTNeoXForCausalLM:

@@ -23,6 +23,9 @@ from dynamo_export.losses import head_log_likelihoods, joint_log_likelihood, mul
 from dynamo_export.tokens import open_tokens, write_token_file
 from dynamo_export.train_state import STATE_JSON
 from dynamo_export.training import ThreeRateAdamW, TrainConfig, lr_multiplier, save_gpt_neox, train
+from tests.conftest import noisy_cycle_token_files
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 VOCAB = 64
 TINY = {
@@ -34,28 +37,9 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def token_files(tmp_path_factory):
-    """Train/val token files with learnable structure (a noisy cycle), so losses can fall."""
-    root = tmp_path_factory.mktemp("tokens")
-    rng = np.random.default_rng(0)
-
-    def make(name, size):
-        ids = (np.arange(size) * 7) % VOCAB
-        noise = rng.random(size) < 0.1
-        ids[noise] = rng.integers(0, VOCAB, noise.sum())
-        write_token_file(root / name, ids, VOCAB, eot_id=0)
-        return str(root / f"{name}.bin")
-
-    return make("train", 4000), make("val", 600)
+    return noisy_cycle_token_files(tmp_path_factory.mktemp("tokens"), VOCAB, stride=7, noise=0.1, seed=0)
 
 
 def tiny_config(token_files, out, **overrides) -> TrainConfig:
