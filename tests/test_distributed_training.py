@@ -21,17 +21,11 @@ from dynamo_export.distributed import ProcessGroup
 from dynamo_export.errors import TrainingError
 from dynamo_export.training import TrainConfig, WindowSampler, train
 from tests.conftest import noisy_cycle_token_files
+from tests.test_training import TINY, VOCAB
+from tests.test_training import tiny_config as training_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-VOCAB = 64
-TINY = {
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "intermediate_size": 64,
-    "max_position_embeddings": 64,
-}
 ATOL = 1e-5  # N processes sum the gradient in another order than one
 
 
@@ -42,27 +36,8 @@ def token_files(tmp_path_factory):
 
 def tiny_config(token_files, out, **overrides) -> TrainConfig:
     """T3, LR_MB > 0 (both sources reach the shared weights), accumulation and clipping that bites."""
-    train_file, val_file = token_files
-    fields = dict(
-        train=train_file,
-        val=val_file,
-        out=str(out),
-        init_config=dict(TINY),
-        num_token_heads=3,
-        seq_len=16,
-        batch_size=4,
-        grad_accum=2,
-        steps=4,
-        lr_b=3e-3,
-        lr_m=3e-3,
-        lr_mb=1e-3,
-        warmup_frac=0.25,
-        clip=0.5,
-        eval_every=2,
-        eval_batches=2,
-        save_every=100,
-    )
-    return TrainConfig(**{**fields, **overrides})
+    fields = dict(grad_accum=2, steps=4, lr_mb=1e-3, warmup_frac=0.25, clip=0.5, eval_every=2)
+    return training_config(token_files, out, **{**fields, **overrides})
 
 
 def torchrun(cfg: TrainConfig, nproc: int, *extra: str) -> subprocess.CompletedProcess:
