@@ -28,7 +28,7 @@ test: $(STAMP) java-check
 # tests/test_cooccurrence_spark.py runs pyspark 4 (the dev extra installs it), which needs Java 17+:
 # without one, stop here with one line saying so (pip cannot install Java).
 java-check: $(STAMP)
-	@$(BIN)/python -c 'import sys; from dynamo_export.cooccurrence_spark import java_problem; p = java_problem(); sys.exit(p and f"make test: {p}")'
+	@$(BIN)/python -c 'import sys; from dynamo_export.spark_session import java_problem; p = java_problem(); sys.exit(p and f"make test: {p}")'
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

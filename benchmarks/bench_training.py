@@ -25,8 +25,9 @@ import time
 
 import torch
 
+from dynamo_export.three_rates import ThreeRateAdamW
 from dynamo_export.tokens import open_tokens
-from dynamo_export.training import ThreeRateAdamW, TrainConfig, WindowSampler, build_model, train_step
+from dynamo_export.training import TrainConfig, WindowSampler, build_model, train_step
 
 WARMUP_STEPS = 2
 

@@ -2,7 +2,7 @@
 
 Gradient sources (docs/METHOD.md, "Training"). Each source's gradient is
 that of its own loss only, and each has its own AdamW
-(`training.ThreeRateAdamW`), so a base weight both reach keeps two Adam states:
+(`three_rates.ThreeRateAdamW`), so a base weight both reach keeps two Adam states:
 
     head 1:      CE_1            -> base weights: embed_in, stem, head 1, embed_out   (LR_B)
     heads 2..n:  sum_i>=2 loss_i -> their own decoder layers and layer norms          (LR_M)

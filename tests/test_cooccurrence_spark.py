@@ -23,22 +23,20 @@ import scipy.sparse
 from dynamo_export import cooccurrence_spark
 from dynamo_export.cli.cooccur import main as cooccur_main
 from dynamo_export.cooccurrence import build_cooccurrence
-from dynamo_export.cooccurrence_spark import (
+from dynamo_export.cooccurrence_spark import build_cooccurrence_spark, count_weights_spark, resolve_sources
+from dynamo_export.data import tokenize_files, train_tokenizer
+from dynamo_export.errors import TokenFileError
+from dynamo_export.spark_session import (
     JavaNotFoundError,
     SparkConfError,
     SparkEngineError,
     SparkExtraMissing,
     SparkRun,
-    build_cooccurrence_spark,
     check_java,
-    count_weights_spark,
     java_problem,
     parse_spark_conf,
-    resolve_sources,
     spark_context,
 )
-from dynamo_export.data import tokenize_files, train_tokenizer
-from dynamo_export.errors import TokenFileError
 from dynamo_export.tokens import open_tokens, write_token_file
 
 DOCUMENTS = ("argparse", "json.decoder", "json.encoder", "textwrap", "shlex", "string", "fractions", "csv")
