@@ -9,9 +9,11 @@ dynamic pass feeding back 3 tokens). The variants' runs are interleaved, so
 load from other processes hits them alike; min and median over the repeats.
 The issue's targets are checked on the medians: int4 size <= 0.35x fp32's,
 int4 1-token pass <= 0.5x fp32's and <= 1.05x int8's, int4 3-token pass <=
-1.4x the int4 1-token pass.
+1.4x the int4 1-token pass. `int4` is dynamo-export --dtype int4's default
+(the unembedding as row-wise int8, converters/row_int8.py), `int4-u4` has the
+unembedding in 4-bit blocks too (--int4-unembedding int4).
 
-    python -m benchmarks.bench_int4 [--repeats 40] [--threads 1] [--levels]
+    python -m benchmarks.bench_int4 [--repeats 40] [--threads 1] [--levels] [--arch 410m]
 
 --levels adds int4 at ONNX Runtime's accuracy levels 0 (unset: float32
 compute) and 1 beside the default 4 (int8 compute), the measurement behind
@@ -38,7 +40,7 @@ import onnxruntime as ort
 import torch
 from transformers import GPTNeoXForCausalLM
 
-from benchmarks.bench_head_cost import pythia_config, session, time_steps
+from benchmarks.bench_head_cost import ARCHS, pythia_config, session, time_steps
 from converters.artifact import export_artifact
 from converters.io_spec import io_spec
 from converters.onnx_export import export_onnx
@@ -54,10 +56,12 @@ TARGETS = {  # the issue's, on medians
 DEFAULT_INT4 = "int4"  # the variant the targets are checked on: dynamo-export --dtype int4's defaults
 
 
-def build_variants(workdir: Path, levels: bool) -> tuple[dict[str, Path], dict[str, float], object]:
-    """Export the 70M-shape T3 graph and convert it; returns (variant -> graph, variant -> seconds, config)."""
+def build_variants(
+    workdir: Path, levels: bool, arch: str = "70m"
+) -> tuple[dict[str, Path], dict[str, float], object]:
+    """Export the T3 graph of a Pythia shape and convert it; returns (variant -> graph, variant -> seconds, config)."""
     torch.manual_seed(0)
-    base = GPTNeoXForCausalLM(pythia_config("70m")).eval()
+    base = GPTNeoXForCausalLM(pythia_config(arch)).eval()
     model = DynaMoForCausalLM.from_gpt_neox(base, num_token_heads=3).eval()
     spec = io_spec(model.config)
     seconds, paths = {}, {}
@@ -69,6 +73,7 @@ def build_variants(workdir: Path, levels: bool) -> tuple[dict[str, Path], dict[s
     conversions = {
         "int8": lambda dst: quantize_int8(paths["fp32"], dst),
         DEFAULT_INT4: lambda dst: quantize_int4(paths["fp32"], dst, Int4Config()),
+        "int4-u4": lambda dst: quantize_int4(paths["fp32"], dst, Int4Config(unembedding="int4")),
         "int4-b128": lambda dst: quantize_int4(paths["fp32"], dst, Int4Config(block_size=128)),
         "int4-sym": lambda dst: quantize_int4(paths["fp32"], dst, Int4Config(symmetric=True)),
     }
@@ -89,12 +94,12 @@ def folder_bytes(graph: Path) -> int:
     return sum(p.stat().st_size for p in graph.parent.iterdir() if p.name.startswith(graph.name))
 
 
-def bench_speed(repeats: int, threads: int, levels: bool) -> None:
+def bench_speed(repeats: int, threads: int, levels: bool, arch: str) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_int4-") as workdir:
-        paths, seconds, config = build_variants(Path(workdir), levels)
+        paths, seconds, config = build_variants(Path(workdir), levels, arch)
         sizes = {name: folder_bytes(path) for name, path in paths.items()}
         print(
-            f"\n== Pythia-70M shape, DynaMo-T3, random weights; ORT {ort.__version__}, {threads} thread(s) =="
+            f"\n== Pythia-{arch} shape, DynaMo-T3, random weights; ORT {ort.__version__}, {threads} thread(s) =="
         )
         print(f"{'variant':>12} {'MiB':>8} {'x fp32':>7} {'convert s':>10}")
         for name in paths:
@@ -131,7 +136,14 @@ def bench_speed(repeats: int, threads: int, levels: bool) -> None:
 
 def bench_accuracy(reference: Path, heldout: str | None, windows: int) -> None:
     print(f"\n== {reference}: parity with PyTorch (random ids) and held-out perplexity ==")
-    variants = {"fp32": None, "fp16": None, "int8": None, "int4": Int4Config(), "int4-b128": Int4Config(128)}
+    variants = {
+        "fp32": None,
+        "fp16": None,
+        "int8": None,
+        "int4": Int4Config(),
+        "int4-u4": Int4Config(unembedding="int4"),
+        "int4-b128": Int4Config(128),
+    }
     with tempfile.TemporaryDirectory(prefix="bench_int4-ref-") as workdir:
         for name, int4 in variants.items():
             result = export_artifact(
@@ -159,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads")
     parser.add_argument("--levels", action="store_true", help="also int4 at accuracy levels 0 and 1")
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="70m", help="the Pythia shape timed")
     parser.add_argument("--reference", type=Path, help="a trained checkpoint for the accuracy figures")
     parser.add_argument("--heldout", help="held-out token file for --reference's perplexities")
     parser.add_argument("--windows", type=int, default=32, help="held-out windows of 256 tokens")
@@ -166,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if not args.skip_speed:
-        bench_speed(args.repeats, args.threads, args.levels)
+        bench_speed(args.repeats, args.threads, args.levels, args.arch)
     if args.reference is not None:
         bench_accuracy(args.reference, args.heldout, args.windows)
 

@@ -131,7 +131,7 @@ def export_artifact(
 ) -> ExportResult:
     """Export a DynaMo (or plain GPT-NeoX, as one head) checkpoint to an artifact directory.
 
-    `int4` sets dtype int4's block size and symmetry (default Int4Config()).
+    `int4` sets dtype int4's block size, symmetry and unembedding form (default Int4Config()).
     `eval_tokens`, a held-out token file, adds the graph's PPL_1..n next to the
     float32 model's on `eval_windows` windows (default 16) to the report and the
     manifest (converters/heldout.py). `sign`, an elliptic-curve private key (PEM),
@@ -249,7 +249,7 @@ def _plan(
         problems.append(f"--external-data {external_data!r} is not one of {list(EXTERNAL_DATA)}")
     if int4 is not None and dtype != "int4":
         problems.append(
-            f"--int4-block-size/--int4-symmetric apply to --dtype int4 only, not {dtype!r}: "
+            f"--int4-block-size/--int4-symmetric/--int4-unembedding apply to --dtype int4 only, not {dtype!r}: "
             "drop them or pass --dtype int4"
         )
     elif int4 is not None and not isinstance(int4, Int4Config):

@@ -23,7 +23,8 @@ decides how the final artifact is laid out.
   round-to-nearest min/max per block of `block_size` weights along the input
   axis, one float32 scale and, unless symmetric, one 4-bit zero point per
   block): every MatMul with a constant weight becomes com.microsoft
-  MatMulNBits, the shared unembedding included, and the token embedding's
+  MatMulNBits, the shared unembedding too with `--int4-unembedding int4`
+  (by default it is row-wise int8, below), and the token embedding's
   Gather becomes GatherBlockQuantized (the embedding is a third of Pythia-70M's
   weights: without it the artifact is 0.44x fp32's, with it 0.16x). The
   attention MatMuls of two activations and the rotary path stay float32.
@@ -44,19 +45,19 @@ decides how the final artifact is laid out.
     level-0 speed above) and 13% more bytes; k-quant +0.89%: neither pays.
     `--int4-block-size 128` is 18% faster per 1-token pass (4.4 vs 5.4 ms) and
     17% smaller, for +0.2 points of PPL.
-  * A 3-token pass costs 1.56x a 1-token pass (fp32 and int8: 1.12x). The
-    int8-compute kernel pays per row of its input: the 50k unembedding takes
-    2.3 ms for the 3 rows of a 1-token pass (3 heads) and 4.5 ms for the 9 of
-    a 3-token pass (fp32's MatMul 5.9 and 7.3 ms), so computing only the logit
-    rows a mode needs (issue 17, item 2) is what brings it down.
-  * Measured and not shipped: the unembedding as dynamic int8 (MatMulInteger) and the rest int4
-    brings the 3-token pass to 1.31-1.39x the 1-token pass (6.4 vs 8.5 ms; 1-token 4.8 ms, as
-    int4's; 0.19x fp32's size). But dynamic quantization scales the activations per tensor,
-    over every row a pass feeds, so a position's logits depend on the rows beside it and
-    verify no longer reproduces ar on that graph (greedy diverged after 24 tokens on the test
-    model). MatMulNBits keeps rows apart (per-row blocks at accuracy level 4); its 8-bit form
-    does too but runs slower than int4 (6.2 ms 1-token, 9.5 ms 3-token). Both at the
-    Pythia-70M shape, 1 thread, 128 tokens of past.
+  * The unembedding is int8 with one activation scale per row by default
+    (converters/row_int8.py, `--int4-unembedding int8`). In 4-bit blocks a
+    3-token pass cost 1.77x a 1-token pass (fp32 and int8: 1.22x): the 4-bit
+    int8-compute kernel pays per row of its input, and the 50k unembedding
+    takes 1.9 ms for the 3 rows of a 1-token pass (3 heads) and 4.4 ms for the
+    9 of a 3-token pass. Row-wise int8 takes 1.9 and 2.7 ms: the 3-token pass
+    falls to 1.38x (6.67 vs 4.82 ms; with 4-bit: 8.11 vs 4.58 ms), for 9 MiB
+    more (0.19x fp32's size instead of 0.16x) and a more accurate unembedding.
+    `--int4-unembedding int4` keeps the smallest artifact and the fastest
+    1-token pass. A per-tensor activation scale (onnxruntime's
+    quantize_dynamic) would be as fast, but then a position's logits depend
+    on the rows fed beside it and verify would no longer reproduce ar; 8-bit
+    MatMulNBits keeps rows apart but runs as slowly as 4-bit over 9 rows.
   * The quantizer writes the embedding as a uint4 tensor, which needs ONNX
     opset 21, and raises the default domain's opset to 21 when it is lower.
     Between opsets 18 and 21 the operators of this graph only gained element
@@ -77,6 +78,7 @@ from onnxruntime.transformers.onnx_model import OnnxModel
 
 from converters.errors import ExportError
 from converters.onnx_export import quiet_loggers
+from converters.row_int8 import rewrite_row_int8, unembedding_node
 from runtime.contract import INT4_BLOCK_SIZES, LOGITS
 
 # ORT's tools log shape-inference doubts ("Unable to determine if past + seq <= past + seq") and advice
@@ -87,6 +89,9 @@ _QUANTIZER_LOGGER = "onnxruntime.quantization.matmul_nbits_quantizer"  # INFO pe
 # Measured on this CPU (see the module docstring): int8 compute against the 4-bit weights, 2.4x faster than
 # float32 compute at no measurable cost in perplexity. ORT's other levels: 0 unset, 1 fp32, 2 fp16, 3 bf16.
 INT4_ACCURACY_LEVEL = 4
+# How an int4 graph stores the unembedding (--int4-unembedding): int8 with a scale per row
+# (converters/row_int8.py), for passes that feed several tokens; or 4-bit blocks like the rest.
+INT4_UNEMBEDDINGS = ("int8", "int4")
 
 # Values below float16's range become this instead of -inf: the attention mask adds
 # float32's minimum, and -inf + -inf rows would softmax to NaN.
@@ -176,6 +181,9 @@ class Int4Config:
     block_size: int = 32
     symmetric: bool = False  # True: no zero points (4-bit values in -8..7 times a scale)
     accuracy_level: int = INT4_ACCURACY_LEVEL  # not a CLI option: benchmarks/bench_int4.py compares levels
+    unembedding: str = (
+        "int8"  # "int8": row-wise int8 (converters/row_int8.py); "int4": MatMulNBits like the rest
+    )
 
     def problems(self) -> list[str]:
         problems = []
@@ -185,33 +193,47 @@ class Int4Config:
             problems.append(f"int4 symmetric must be True or False, got {self.symmetric!r}")
         if isinstance(self.accuracy_level, bool) or self.accuracy_level not in range(5):
             problems.append(f"int4 accuracy_level {self.accuracy_level!r} is not one of ONNX Runtime's 0..4")
+        if self.unembedding not in INT4_UNEMBEDDINGS:
+            problems.append(
+                f"--int4-unembedding {self.unembedding!r} is not one of {list(INT4_UNEMBEDDINGS)}"
+            )
         return problems
 
     def describe(self) -> str:
         kind = "symmetric" if self.symmetric else "asymmetric"
+        unembedding = "row-wise int8 (7-bit weights)" if self.unembedding == "int8" else "4-bit"
         return (
             f"MatMulNBits/GatherBlockQuantized 4-bit RTN, block {self.block_size}, {kind}, "
-            f"accuracy_level {self.accuracy_level}"
+            f"accuracy_level {self.accuracy_level}; unembedding {unembedding}"
         )
 
 
 def quantize_int4(src: Path, dst: Path, config: Int4Config) -> None:
-    """Weight-only 4-bit blocks for every MatMul with a constant weight and the token embedding (CPU)."""
+    """Weight-only 4-bit blocks for every MatMul with a constant weight and the token embedding (CPU);
+    the unembedding too with `config.unembedding` "int4", else its row-wise int8 form."""
     matmul_nbits_quantizer = _import_quantizer()
     model = onnx.load(str(src))
+    excluded = rotary_nodes(model)
+    unembedding = None
+    if config.unembedding == "int8":
+        unembedding = unembedding_node(model)
+        unembedding.name = unembedding.name or "unembedding"  # the quantizer excludes nodes by name
+        excluded.append(unembedding.name)
     quantizer = matmul_nbits_quantizer.MatMulNBitsQuantizer(
         model,
         bits=4,
         block_size=config.block_size,
         is_symmetric=config.symmetric,
         accuracy_level=config.accuracy_level,
-        nodes_to_exclude=rotary_nodes(model),
+        nodes_to_exclude=excluded,
         op_types_to_quantize=("MatMul", "Gather"),
         quant_axes=(("MatMul", 0), ("Gather", 1)),  # MatMul B is (K, N); the embedding (V, H): blocks along H
     )
     with quiet_loggers(*_NOISY, _QUANTIZER_LOGGER):
         quantizer.process()
     quantized = quantizer.model.model
+    if unembedding is not None:
+        rewrite_row_int8(quantized, unembedding_node(quantized))
     left = _unquantized_weights(quantized)
     if left:
         raise ExportError(

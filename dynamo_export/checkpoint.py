@@ -264,3 +264,48 @@ def save_dynamo(
                 if (Path(source) / name).is_file():
                     shutil.copy2(Path(source) / name, tmp / name)
     return directory
+
+
+def save_gpt_neox(model, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write an n = 1 DynaMo model as a plain transformers GPTNeoXForCausalLM checkpoint (atomically).
+
+    The inverse of `checkpoint.gpt_neox_key_map`: stem.i -> gpt_neox.layers.i,
+    heads.0.layer -> gpt_neox.layers.{L-1}, heads.0.final_layer_norm ->
+    gpt_neox.final_layer_norm. The key set and shapes are checked against a
+    GPTNeoXForCausalLM built on the meta device, so the file always loads.
+    """
+    if model.num_token_heads != 1:
+        raise CheckpointError(
+            f"only an n = 1 model is a plain GPT-NeoX model; this one has {model.num_token_heads} heads"
+        )
+    directory = Path(directory)
+    if directory.exists() and not overwrite:
+        raise CheckpointError(f"{directory} already exists: choose another directory or pass overwrite=True")
+    fields_ = model.config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "num_token_heads", "head_init"):
+        fields_.pop(key, None)
+    config = GPTNeoXConfig(**fields_, architectures=["GPTNeoXForCausalLM"])
+    inverse = {dynamo: neox for neox, dynamo in gpt_neox_key_map(config.num_hidden_layers).items()}
+    state = {}
+    for key, tensor in model.state_dict().items():
+        prefix = next(p for p in inverse if key.startswith(p))
+        state[inverse[prefix] + key[len(prefix) :]] = tensor.detach().cpu().contiguous()
+    with torch.device("meta"):
+        expected = GPTNeoXForCausalLM(config).state_dict()
+    wrong = sorted(set(state) ^ set(expected)) + sorted(
+        k for k in set(state) & set(expected) if state[k].shape != expected[k].shape
+    )
+    if wrong:
+        raise CheckpointError(f"GPT-NeoX export does not match GPTNeoXForCausalLM: {wrong[:10]}")
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        config.save_pretrained(tmp)
+        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        _copy_tokenizer(model, tmp)
+    return directory
+
+
+def _copy_tokenizer(model, directory: Path) -> None:
+    source = getattr(model, "tokenizer_dir", None)
+    for name in TOKENIZER_FILES if source is not None else ():
+        if (Path(source) / name).is_file():
+            shutil.copy2(Path(source) / name, directory / name)

@@ -13,7 +13,10 @@ restricted to the parameters it may move, from its own logits
 (`DynaMoForCausalLM.source_logits`: one unembedding MatMul per source), so
 head 1's backward never enters heads 2..n. With LR_MB = 0 the heads' source
 asks for their own weights only, so autograd never runs the stem's backward
-for it nor the unembedding's weight gradient.
+for it nor the unembedding's weight gradient. Under `--fsdp` a source's
+gradient is one `backward` instead (`fsdp.backward_gradients`: FSDP's sharded
+parameters are not in the graph), which does run those backwards and drops
+what the source does not move.
 
 Self-distillation (`dynamo-train --distill W`) trains head i >= 2 on
 
@@ -32,6 +35,7 @@ LR_MB is (tests/test_distill.py hooks the stem to make sure).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -52,6 +56,15 @@ class StepGrads(NamedTuple):
     kl: torch.Tensor  # (n-1,) detached: KL(p_1 || p_i) for heads 2..n, empty without distillation
     head1: list[torch.Tensor]  # gradients of `GradientSources.head1`
     heads: list[torch.Tensor]  # gradients of `GradientSources.heads + GradientSources.shared`
+
+
+# (loss, params, retain_graph) -> d loss / d params: how a source's gradient is taken.
+GradientFn = Callable[[torch.Tensor, Sequence[torch.nn.Parameter], bool], list[torch.Tensor]]
+
+
+def autograd_gradients(loss: torch.Tensor, params, retain_graph: bool = False) -> list[torch.Tensor]:
+    """One source's gradient without touching `.grad` (one process, or replicated ranks)."""
+    return list(torch.autograd.grad(loss, params, retain_graph=retain_graph))
 
 
 def new_head_parameters(model) -> list[torch.nn.Parameter]:
@@ -76,15 +89,18 @@ def source_gradients(
     distill: float,
     temperature: float,
     accum: int = 1,
+    grad: GradientFn = autograd_gradients,
 ) -> StepGrads:
     """Each source's gradient of one micro-batch's loss divided by `accum`, and the loss parts.
 
     first, rest: head 1's and heads 2..n's logits (`DynaMoForCausalLM.source_logits`;
     rest is None for n = 1). The graph is freed at the end. distill == 0 is the
     plain modified-CLM objective: the heads' source is the sum of their CE.
+    grad takes each source's gradient: `autograd_gradients`, or under FSDP
+    (sharded parameters) `fsdp.backward_gradients`.
     """
     ce_1 = multi_token_loss(first[:, None], tokens).per_head  # (1,)
-    head1 = list(torch.autograd.grad(ce_1[0] / accum, sources.head1, retain_graph=rest is not None))
+    head1 = grad(ce_1[0] / accum, sources.head1, rest is not None)
     if rest is None:
         if distill > 0:
             raise ValueError("distillation needs heads 2..n: this model has one head")
@@ -92,14 +108,14 @@ def source_gradients(
     ce_later = multi_token_loss(rest, tokens, first_head=2).per_head  # (n-1,)
     ce = torch.cat([ce_1, ce_later]).detach()
     if distill == 0:
-        heads = torch.autograd.grad(ce_later.sum() / accum, sources.heads + sources.shared)
-        return StepGrads(ce, ce.new_zeros(0), head1, list(heads))
+        heads = grad(ce_later.sum() / accum, sources.heads + sources.shared, False)
+        return StepGrads(ce, ce.new_zeros(0), head1, heads)
     kl = head1_distillation_kl(first, rest, temperature)  # (n-1,)
     mixed = ((1.0 - distill) * ce_later.sum() + distill * kl.sum()) / accum
     if not sources.shared:  # one pass: everything the heads' source moves is the heads' own
-        heads = torch.autograd.grad(mixed, sources.heads)
-        return StepGrads(ce, kl.detach(), head1, list(heads))
+        heads = grad(mixed, sources.heads, False)
+        return StepGrads(ce, kl.detach(), head1, heads)
     # The KL's gradient must stop at the heads' own weights, the CE's goes on into the shared ones.
-    own = torch.autograd.grad(mixed, sources.heads, retain_graph=True)
-    shared = torch.autograd.grad((1.0 - distill) * ce_later.sum() / accum, sources.shared)
+    own = grad(mixed, sources.heads, True)
+    shared = grad((1.0 - distill) * ce_later.sum() / accum, sources.shared, False)
     return StepGrads(ce, kl.detach(), head1, [*own, *shared])

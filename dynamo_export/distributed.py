@@ -28,6 +28,10 @@ per source) does what DDP would do. The mean of
 the ranks' per-slice mean losses is the global mean loss (equal slices), so the
 result equals one process up to float reduction order.
 
+`--fsdp` (dynamo_export/fsdp.py) shards the weights and both AdamW states over
+the same ranks instead of replicating them; this module still gives it the
+process group, the slices and the rank-0-only writing.
+
 Only rank 0 writes (checkpoints, OUT/final, the log, the plot, progress);
 validation runs on rank 0 alone on its full model, so the logged numbers are
 those of a one-process run. A checkpoint is the full model and both AdamW
@@ -67,27 +71,34 @@ class ProcessGroup:
         return self.world_size > 1
 
     @classmethod
-    def from_env(cls, device: str | None = None) -> ProcessGroup:
+    def from_env(cls, device: str | None = None, fsdp: bool = False) -> ProcessGroup:
         """Join torchrun's process group (or one already initialised by the caller); none for one process.
 
         device: "cpu" or "cuda" (default: cuda when available); under N > 1 CUDA
-        ranks, rank r uses cuda:LOCAL_RANK.
+        ranks, rank r uses cuda:LOCAL_RANK. fsdp: FSDP needs a process group even
+        for one process, so one is made of this process alone (dynamo_export/fsdp.py).
         """
         kind = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dist.is_available() and dist.is_initialized():
             return cls._joined(kind, owned=False)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size == 1:
+        if world_size == 1 and not fsdp:
             return cls(device=kind)
+        if not dist.is_available():
+            raise TrainingError(
+                "this torch build has no torch.distributed: run a single process without --fsdp"
+            )
+        backend = "nccl" if kind.type == "cuda" else "gloo"
+        if world_size == 1:  # nothing to rendezvous with: an in-memory store
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            return cls._joined(kind, owned=True)
         missing = [name for name in TORCHRUN_VARS if name not in os.environ]
         if missing:
             raise TrainingError(
                 f"WORLD_SIZE={world_size} but {missing} are not set: launch with "
                 "torchrun --nproc_per_node=N -m dynamo_export.cli.train ..."
             )
-        if not dist.is_available():
-            raise TrainingError("this torch build has no torch.distributed: run a single process")
-        dist.init_process_group("nccl" if kind.type == "cuda" else "gloo")
+        dist.init_process_group(backend)
         return cls._joined(kind, owned=True)
 
     @classmethod
@@ -124,7 +135,7 @@ class ProcessGroup:
         """Rank 0's values into every rank's tensors (the starting weights, as DDP does at construction)."""
         if not self.distributed or not tensors:
             return
-        flat = _flatten_dense_tensors(tensors)
+        flat = _flatten_dense_tensors(tensors).to(self.device)  # nccl broadcasts device tensors only
         dist.broadcast(flat, src=0)
         for tensor, value in zip(tensors, _unflatten_dense_tensors(flat, tensors), strict=True):
             tensor.copy_(value)

@@ -12,9 +12,11 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from dynamo_export.distill import GradientSources, StepGrads, gradient_sources
 from dynamo_export.distributed import ProcessGroup
+from dynamo_export.fsdp import full_tensor, shard_like
 
 if TYPE_CHECKING:
     from dynamo_export.training import TrainConfig
@@ -75,9 +77,11 @@ class ThreeRateAdamW:
 
     Per optimizer step: `accumulate` every micro-batch's `StepGrads`, then
     `step(k)`, which sets the rates of step k (the schedule), averages each
-    source's gradient over the ranks of `group` (a no-op in one process), hands
-    it to its AdamW through `.grad`, clips and steps it, and clears `.grad`
-    again, head 1's source first.
+    source's gradient over the ranks of `group` (a no-op in one process; FSDP's
+    sharded gradients arrive averaged by its reduce-scatter), hands it to its
+    AdamW through `.grad`, clips and steps it, and clears `.grad` again, head
+    1's source first. Parameters may be FSDP's sharded DTensors (dynamo_export/fsdp.py):
+    the state dicts are full (unsharded) either way.
     """
 
     def __init__(self, model, cfg: TrainConfig, group: ProcessGroup | None = None):
@@ -115,25 +119,57 @@ class ThreeRateAdamW:
         norms = {}
         for source, optimizer in self.optimizers.items():  # head1 first: it applies the base weights' decay
             params, grads = self.params[source], self.grads.pop(source)
-            self.group.average_(grads)  # the global batch's gradient, before clipping sees its norm
+            if not isinstance(grads[0], DTensor):  # FSDP's reduce-scatter has averaged sharded ones
+                self.group.average_(grads)  # the global batch's gradient, before clipping sees its norm
             for group in optimizer.param_groups:
                 group["lr"] = rates[group["lr_name"]]
             for param, grad in zip(params, grads, strict=True):
                 param.grad = grad
             if self.cfg.clip > 0:
-                norms[source] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.clip))
+                norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.clip)  # of all shards together
+                norms[source] = float(full_tensor(norm))
             optimizer.step()
             for param in params:
                 param.grad = None
         return norms or None
 
-    def state_dict(self) -> dict[str, dict]:
-        return {source: optimizer.state_dict() for source, optimizer in self.optimizers.items()}
+    def state_dict(self, keep: bool = True) -> dict[str, dict] | None:
+        """Each source's AdamW state, full and on the CPU (a one-process checkpoint's, whatever the sharding).
+
+        Sharded states are gathered tensor by tensor, a collective every rank
+        must join; a rank with keep=False only takes part and gets None, so
+        only the writing rank holds the whole state in host memory.
+        """
+
+        def gathered(value: torch.Tensor) -> torch.Tensor | None:
+            value = full_tensor(value)  # every rank joins the all-gather
+            return value.cpu() if keep else None
+
+        full = {}
+        for source, optimizer in self.optimizers.items():
+            state = optimizer.state_dict()
+            entries = {
+                index: {name: gathered(value) for name, value in entry.items()}
+                for index, entry in state["state"].items()
+            }
+            full[source] = {**state, "state": entries}
+        return full if keep else None
 
     def load_state_dict(self, state: dict[str, dict]) -> None:
+        """Load full states (`state_dict`'s), each tensor cut to its parameter's shard under FSDP."""
         if set(state) != set(self.optimizers):
             raise ValueError(
                 f"it holds the gradient sources {sorted(state)}, this run has {sorted(self.optimizers)}"
             )
         for source, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(state[source])
+            params = [
+                param for group in optimizer.param_groups for param in group["params"]
+            ]  # state's indices
+            unknown = sorted(set(map(int, state[source]["state"])) - set(range(len(params))))
+            if unknown:
+                raise ValueError(f"{source} holds state for parameters {unknown[:5]} this run does not have")
+            entries = {
+                index: {name: shard_like(value, params[int(index)]) for name, value in entry.items()}
+                for index, entry in state[source]["state"].items()
+            }
+            optimizer.load_state_dict({**state[source], "state": entries})

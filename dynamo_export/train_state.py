@@ -40,13 +40,13 @@ STATE_FORMAT = 2  # 1: one AdamW state for both gradient sources (LR_MB as a gra
 RESUMABLE_OVERRIDES = frozenset({"out", "val", "tokenizer", "eval_every", "eval_batches", "save_every"})
 
 
-def save_checkpoint(directory: Path, model, optimizer, cfg, step: int) -> Path:
-    """Write step-N atomically; `optimizer` is the trainer's ThreeRateAdamW."""
+def save_checkpoint(directory: Path, model, optimizer_state: dict[str, dict], cfg, step: int) -> Path:
+    """Write step-N atomically: `model` unsharded, `optimizer_state` the full `ThreeRateAdamW.state_dict()`."""
     tensors = {"rng.torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors["rng.torch_cuda"] = torch.cuda.get_rng_state()
     sources = {}
-    for source, opt_state in optimizer.state_dict().items():
+    for source, opt_state in optimizer_state.items():
         state_keys = {}
         for index, entry in opt_state["state"].items():
             state_keys[str(index)] = sorted(entry)

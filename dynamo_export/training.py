@@ -42,8 +42,9 @@ Several processes (`torchrun --nproc_per_node=N`, dynamo_export/distributed.py):
 `batch_size` stays the global batch; rank r reads its contiguous slice of every
 micro-batch, each source's gradient is averaged over the ranks before clipping,
 and N processes train the model one would (up to float reduction order). Only
-rank 0 validates and writes; checkpoints hold the full state, so a run resumes
-under any N.
+rank 0 writes; checkpoints hold the full state, so a run resumes under any N.
+With `fsdp` (dynamo_export/fsdp.py) the ranks shard the weights and both AdamW
+states instead of each holding all of them; same numbers, same checkpoints.
 """
 
 from __future__ import annotations
@@ -51,29 +52,26 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from dynamo_export.checkpoint import (
-    TOKENIZER_FILES,
-    WEIGHTS_NAME,
     adopt_tokenizer,
     attach_fingerprint,
     checkpoint_kind,
-    gpt_neox_key_map,
+    save_gpt_neox,
 )
-from dynamo_export.distill import source_gradients
+from dynamo_export.distill import GradientFn, autograd_gradients, source_gradients
 from dynamo_export.distributed import ProcessGroup
-from dynamo_export.errors import CheckpointError, TrainingError
+from dynamo_export.errors import TrainingError
 from dynamo_export.evaluation import check_vocab, evaluate
+from dynamo_export.fsdp import backward_gradients, full_model, shard_model
 from dynamo_export.modeling import DynaMoForCausalLM
 from dynamo_export.three_rates import ThreeRateAdamW
 from dynamo_export.tokens import open_tokens
@@ -220,51 +218,6 @@ def build_model(cfg: TrainConfig, vocab_size: int, eot_id: int) -> DynaMoForCaus
     return model
 
 
-def save_gpt_neox(model: DynaMoForCausalLM, directory: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write an n = 1 DynaMo model as a plain transformers GPTNeoXForCausalLM checkpoint (atomically).
-
-    The inverse of `checkpoint.gpt_neox_key_map`: stem.i -> gpt_neox.layers.i,
-    heads.0.layer -> gpt_neox.layers.{L-1}, heads.0.final_layer_norm ->
-    gpt_neox.final_layer_norm. The key set and shapes are checked against a
-    GPTNeoXForCausalLM built on the meta device, so the file always loads.
-    """
-    if model.num_token_heads != 1:
-        raise CheckpointError(
-            f"only an n = 1 model is a plain GPT-NeoX model; this one has {model.num_token_heads} heads"
-        )
-    directory = Path(directory)
-    if directory.exists() and not overwrite:
-        raise CheckpointError(f"{directory} already exists: choose another directory or pass overwrite=True")
-    fields_ = model.config.to_dict()
-    for key in ("model_type", "architectures", "transformers_version", "num_token_heads", "head_init"):
-        fields_.pop(key, None)
-    config = GPTNeoXConfig(**fields_, architectures=["GPTNeoXForCausalLM"])
-    inverse = {dynamo: neox for neox, dynamo in gpt_neox_key_map(config.num_hidden_layers).items()}
-    state = {}
-    for key, tensor in model.state_dict().items():
-        prefix = next(p for p in inverse if key.startswith(p))
-        state[inverse[prefix] + key[len(prefix) :]] = tensor.detach().cpu().contiguous()
-    with torch.device("meta"):
-        expected = GPTNeoXForCausalLM(config).state_dict()
-    wrong = sorted(set(state) ^ set(expected)) + sorted(
-        k for k in set(state) & set(expected) if state[k].shape != expected[k].shape
-    )
-    if wrong:
-        raise CheckpointError(f"GPT-NeoX export does not match GPTNeoXForCausalLM: {wrong[:10]}")
-    with atomic_directory(directory, overwrite=overwrite) as tmp:
-        config.save_pretrained(tmp)
-        save_file(state, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-        _copy_tokenizer(model, tmp)
-    return directory
-
-
-def _copy_tokenizer(model: DynaMoForCausalLM, directory: Path) -> None:
-    source = getattr(model, "tokenizer_dir", None)
-    for name in TOKENIZER_FILES if source is not None else ():
-        if (Path(source) / name).is_file():
-            shutil.copy2(Path(source) / name, directory / name)
-
-
 # -- optimisation ----------------------------------------------------------------------------------
 
 
@@ -320,6 +273,7 @@ def train(
     stop_at: int | None = None,
     device: str | None = None,
     progress: bool = True,
+    fsdp: bool = False,
 ) -> Path:
     """Run (or resume) training; returns OUT/final, or the checkpoint written at `stop_at`.
 
@@ -327,16 +281,20 @@ def train(
     (for time-sliced jobs); rerunning with resume=True continues it exactly.
     Under torchrun every rank calls this and joins the process group
     (dynamo_export/distributed.py); without it the run is a single process.
+    `fsdp` shards the model and optimizer over the ranks (dynamo_export/fsdp.py);
+    it is not part of the TrainConfig, as a run may resume with or without it.
     """
     cfg.check()
-    group = ProcessGroup.from_env(device)
+    group = ProcessGroup.from_env(device, fsdp=fsdp)
     try:
-        return _train(cfg, group, resume, stop_at, progress)
+        return _train(cfg, group, resume, stop_at, progress, fsdp)
     finally:
         group.close()
 
 
-def _train(cfg: TrainConfig, group: ProcessGroup, resume: bool, stop_at: int | None, progress: bool) -> Path:
+def _train(
+    cfg: TrainConfig, group: ProcessGroup, resume: bool, stop_at: int | None, progress: bool, fsdp: bool
+) -> Path:
     group.check_batch(cfg.batch_size)
     out = Path(cfg.out)
     train_ids, train_meta = open_tokens(cfg.train)
@@ -359,9 +317,14 @@ def _train(cfg: TrainConfig, group: ProcessGroup, resume: bool, stop_at: int | N
         )
 
     device = group.device
-    model.to(device).train()
-    group.broadcast_([p.data for p in model.parameters()])  # one starting model, whatever each rank drew
+    model.train()
+    if fsdp:
+        shard_model(model, group)
+    else:
+        model.to(device)
+        group.broadcast_([p.data for p in model.parameters()])  # one starting model, whatever each rank drew
     optimizer = ThreeRateAdamW(model, cfg, group)
+    grad = backward_gradients(model) if fsdp else autograd_gradients
     start = 0
     if resume_from is not None:
         load_trainer_state(*resume_from, optimizer)
@@ -377,45 +340,52 @@ def _train(cfg: TrainConfig, group: ProcessGroup, resume: bool, stop_at: int | N
     )
     if stop_at is not None and not start < stop_at <= cfg.steps:
         raise TrainingError(f"--stop-at must lie in ({start}, {cfg.steps}] for this run, got {stop_at}")
-    main = group.is_main  # the only rank that validates and writes
+    main = group.is_main  # the only rank that writes
+    validates = main or fsdp  # a sharded model validates on every rank: all join its all-gathers
     if main:
         log = TrainLog(out / LOG_NAME, keep_through_step=start if resume else -1)
-    if main and start == 0:
+    if validates and start == 0:
         initial = _validate(model, val_ids, cfg)
-        log.write({"step": 0, "val_loss": initial})
-        tqdm.write(validation_line(0, initial))
+        if main:
+            log.write({"step": 0, "val_loss": initial})
+            tqdm.write(validation_line(0, initial))
 
     end = cfg.steps if stop_at is None else stop_at
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not (progress and main))
     report = TrainReport(bar, start, end, cfg.eval_every)
     for step in range(start, end):
         began = time.perf_counter()
-        per_head, kl, grad_norm = train_step(model, optimizer, sampler, step, cfg, device)
+        per_head, kl, grad_norm = train_step(model, optimizer, sampler, step, cfg, device, grad)
+        elapsed = time.perf_counter() - began
         done = step + 1
+        val_loss = None
+        if validates and (done % cfg.eval_every == 0 or done == cfg.steps):
+            val_loss = _validate(model, val_ids, cfg)
         if main:
             record = {"step": done, "lr": optimizer.rates(step), "train_loss": per_head}
             if cfg.distill > 0:
                 record["train_kl"] = kl  # heads 2..n
             record["grad_norm"] = grad_norm  # per source
-            record["tokens_per_s"] = (  # of the global batch: all ranks together
-                cfg.batch_size * cfg.grad_accum * cfg.seq_len / (time.perf_counter() - began)
-            )
-            if done % cfg.eval_every == 0 or done == cfg.steps:
-                record["val_loss"] = _validate(model, val_ids, cfg)
+            record["tokens_per_s"] = cfg.batch_size * cfg.grad_accum * cfg.seq_len / elapsed  # all ranks
+            if val_loss is not None:
+                record["val_loss"] = val_loss
             log.write(record)
             report.step(record)
             bar.update()
         if done < cfg.steps and (done % cfg.save_every == 0 or done == stop_at):
+            # Full state on rank 0 only: under FSDP every rank joins the gathers.
+            unsharded, state = full_model(model) if fsdp else model, optimizer.state_dict(keep=main)
             if main:
-                save_checkpoint(out / "checkpoints" / f"step-{done}", model, optimizer, cfg, done)
+                save_checkpoint(out / "checkpoints" / f"step-{done}", unsharded, state, cfg, done)
             group.barrier()  # every rank returns (or goes on) with the checkpoint on disk
     bar.close()
     if main:
         report.finish(out / LOG_NAME, out)
     if end < cfg.steps:
         return out / "checkpoints" / f"step-{end}"
+    unsharded = full_model(model) if fsdp else model
     if main:
-        _save_final(out, model, cfg)
+        _save_final(out, unsharded, cfg)
     group.barrier()
     return out / "final"
 
@@ -441,8 +411,16 @@ def _starting_model(cfg: TrainConfig, out: Path, resume: bool, train_meta) -> tu
     return model, (path, meta)
 
 
-def train_step(model, optimizer: ThreeRateAdamW, sampler: WindowSampler, step: int, cfg: TrainConfig, device):
-    """Optimizer step `step` (from 0) over grad_accum micro-batches.
+def train_step(
+    model,
+    optimizer: ThreeRateAdamW,
+    sampler: WindowSampler,
+    step: int,
+    cfg: TrainConfig,
+    device,
+    grad: GradientFn = autograd_gradients,
+):
+    """Optimizer step `step` (from 0) over grad_accum micro-batches; `grad` takes each source's gradient.
 
     Returns (per-head mean CE (n,), heads 2..n's mean KL (n-1,; empty without
     distillation), each gradient source's norm before clipping or None), all of
@@ -455,7 +433,7 @@ def train_step(model, optimizer: ThreeRateAdamW, sampler: WindowSampler, step: i
         window = sampler.batch(step * cfg.grad_accum + micro).to(device)  # (B, seq_len + n)
         first, rest = model.source_logits(window[:, : cfg.seq_len])  # (B, T, V), (B, n-1, T, V)
         grads = source_gradients(
-            first, rest, window, optimizer.sources, cfg.distill, cfg.distill_temperature, cfg.grad_accum
+            first, rest, window, optimizer.sources, cfg.distill, cfg.distill_temperature, cfg.grad_accum, grad
         )
         optimizer.accumulate(grads)
         per_head += grads.ce.double().cpu() / cfg.grad_accum

@@ -1,7 +1,7 @@
-"""torchrun data parallelism: N gloo processes on the CPU train the model one process trains.
+"""torchrun data parallelism and --fsdp: N gloo processes on the CPU train the model one process trains.
 
 Every multi-process run is the real entry point, `torchrun -m dynamo_export.cli.train`, in a
-subprocess; the one-process runs call `train` in this process.
+subprocess; the one-process runs call `train` in this process (with --fsdp: over a one-rank group).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def torchrun(cfg: TrainConfig, nproc: int, *extra: str) -> subprocess.CompletedP
         "seq-len": cfg.seq_len, "batch-size": cfg.batch_size, "grad-accum": cfg.grad_accum,
         "steps": cfg.steps, "lr-b": cfg.lr_b, "lr-m": cfg.lr_m, "lr-mb": cfg.lr_mb,
         "warmup-frac": cfg.warmup_frac, "clip": cfg.clip, "eval-every": cfg.eval_every,
-        "eval-batches": cfg.eval_batches, "save-every": cfg.save_every, "seed": cfg.seed,
+        "eval-batches": cfg.eval_batches, "save-every": cfg.save_every, "seed": cfg.seed, "distill": cfg.distill,
         "layers": TINY["num_hidden_layers"], "hidden": TINY["hidden_size"],
         "heads": TINY["num_attention_heads"], "intermediate": TINY["intermediate_size"],
         "context": TINY["max_position_embeddings"],
@@ -85,10 +85,11 @@ def one_process(token_files, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_two_processes_train_the_one_process_model(token_files, tmp_path, one_process):
+@pytest.mark.parametrize("flags", [(), ("--fsdp",)], ids=["replicated", "fsdp"])
+def test_two_processes_train_the_one_process_model(token_files, tmp_path, one_process, flags):
     cfg, reference = one_process
     out = tmp_path / "two"
-    run = torchrun(replace(cfg, out=str(out), save_every=2), 2)
+    run = torchrun(replace(cfg, out=str(out), save_every=2), 2, *flags)
     assert run.returncode == 0, run.stderr[-3000:]
     assert_same_model(out / "final", reference)
 
@@ -106,18 +107,35 @@ def test_two_processes_train_the_one_process_model(token_files, tmp_path, one_pr
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+def test_two_sharded_processes_distill_as_one_process(token_files, tmp_path):
+    """Distillation with LR_MB > 0 takes three backward passes per micro-batch, the KL's stopping at heads
+    2..n's own weights: sharded over 2 processes, as in one."""
+    cfg = tiny_config(token_files, tmp_path / "one", distill=0.5)
+    reference = train(cfg, progress=False)
+    run = torchrun(replace(cfg, out=str(tmp_path / "two")), 2, "--fsdp")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_same_model(tmp_path / "two" / "final", reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [("2", "1"), ("1", "2"), ("2 --fsdp", "1"), ("2 --fsdp", "2 --fsdp")],
+    ids=["2-1", "1-2", "2fsdp-1", "2fsdp-2fsdp"],
+)
 def test_a_run_resumes_under_another_number_of_processes(token_files, tmp_path, one_process, before, after):
+    """Checkpoints are full whatever wrote them: sharded ones resume unsharded and sharded again."""
     cfg, reference = one_process
     cfg = replace(cfg, out=str(tmp_path / "split"))
     out = tmp_path / "split"
 
-    def run(nproc, *extra):
-        if nproc == 1:
+    def run(processes, *extra):
+        nproc, *flags = processes.split()
+        if nproc == "1":
             kwargs = {"stop_at": 2} if "--stop-at" in extra else {"resume": True}
-            train(cfg, progress=False, **kwargs)
+            train(cfg, progress=False, fsdp="--fsdp" in flags, **kwargs)
         else:
-            done = torchrun(cfg, nproc, *extra)
+            done = torchrun(cfg, int(nproc), *flags, *extra)
             assert done.returncode == 0, done.stderr[-3000:]
 
     run(before, "--stop-at", "2")
@@ -134,6 +152,24 @@ def test_a_global_batch_that_does_not_divide_gives_a_clear_error(token_files, tm
     assert run.returncode != 0
     assert "--batch-size 3 (the global batch) does not divide by the 2 processes" in run.stderr
     assert not (tmp_path / "odd").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    "overrides", [{"distill": 0.5}, {"num_token_heads": 1}], ids=["distill-shared", "one-head"]
+)
+def test_fsdp_in_one_process_trains_the_plain_model(token_files, tmp_path, overrides):
+    """One process shards over a one-rank group: the same backward-per-source path as N ranks, here
+    with distillation and LR_MB > 0 (three backward passes per micro-batch) and with one head."""
+    cfg = tiny_config(token_files, tmp_path / "plain", **overrides)
+    plain = train(cfg, progress=False)
+    sharded = train(replace(cfg, out=str(tmp_path / "fsdp")), progress=False, fsdp=True)
+    assert_same_model(sharded, plain)
+    for got, want in zip(log_records(tmp_path / "fsdp"), log_records(tmp_path / "plain"), strict=True):
+        assert got.get("val_loss") == pytest.approx(want.get("val_loss"), abs=ATOL)
+        if "grad_norm" in want:
+            assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4)
+    if cfg.num_token_heads == 1:  # the transformers copy is written from the gathered model too
+        assert_same_model(tmp_path / "fsdp" / "final-gpt-neox", tmp_path / "plain" / "final-gpt-neox")
 
 
 def test_each_rank_reads_its_contiguous_slice_of_the_global_batch(token_files):

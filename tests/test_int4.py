@@ -19,7 +19,7 @@ from converters import artifact
 from converters.artifact import export_artifact
 from converters.cli import main, summary
 from converters.errors import ExportError
-from converters.optimize import Int4Config
+from converters.optimize import Int4Config, quantize_int4
 from dynamo_export.tokens import write_token_file
 from runtime import DynaMoRuntime, SamplingConfig
 from runtime.manifest import read_manifest
@@ -63,13 +63,14 @@ def int4(tiny_artifact, tiny_dynamo_dir, tiny_cooccurrence_dir, heldout, tmp_pat
 
 
 @pytest.mark.slow
-def test_every_weight_is_4_bit_and_the_rest_stays_float(int4, tiny_artifact):
+def test_every_weight_is_4_bit_but_the_row_wise_int8_unembedding(int4, tiny_artifact):
     model = onnx.load(str(int4.out / "model.onnx"))
     ops = [(node.domain, node.op_type) for node in model.graph.node]
     fp32_ops = [node.op_type for node in onnx.load(str(tiny_artifact.out / "model.onnx")).graph.node]
     weights = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and t.dims}
     matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
-    assert ops.count(("com.microsoft", "MatMulNBits")) == fp32_ops.count("MatMul") - len(matmuls)
+    # every float MatMul of a weight became MatMulNBits, but the unembedding: MatMulInteger
+    assert ops.count(("com.microsoft", "MatMulNBits")) == fp32_ops.count("MatMul") - len(matmuls) - 1
     assert ops.count(("com.microsoft", "GatherBlockQuantized")) == 1
     float_tables = {
         t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2
@@ -81,11 +82,21 @@ def test_every_weight_is_4_bit_and_the_rest_stays_float(int4, tiny_artifact):
     assert all(not set(n.input) & weights for n in matmuls), "a float weight MatMul survived"
     # the attention MatMuls of two activations and the rotary angles' (past the Cos/Sin) stay float32
     assert len(matmuls) == 2 * (3 + TINY_HEADS - 1) + 1
+    (unembedding,) = [n for n in model.graph.node if n.op_type == "MatMulInteger"]
+    table = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}[unembedding.input[1]]
+    assert table.dtype == np.int8 and table.shape == (32, TINY_VOCAB) and np.abs(table).max() == 63
+
+
+@pytest.mark.slow
+def test_int4_unembedding_int4_quantizes_it_like_the_rest(tiny_artifact, tmp_path):
+    quantize_int4(tiny_artifact.out / "model.onnx", tmp_path / "model.onnx", Int4Config(unembedding="int4"))
+    model = onnx.load(str(tmp_path / "model.onnx"))
     (unembedding,) = [n for n in model.graph.node if "logits" in n.output]
     assert unembedding.op_type == "MatMulNBits", "the shared embed_out is quantized too"
     assert {a.name: onnx.helper.get_attribute_value(a) for a in unembedding.attribute} == {
         "K": 32, "N": TINY_VOCAB, "bits": 4, "block_size": 32, "accuracy_level": 4,
     }  # fmt: skip
+    assert not any(n.op_type == "MatMulInteger" for n in model.graph.node)
 
 
 @pytest.mark.slow
@@ -99,7 +110,8 @@ def test_int4_passes_its_parity_check_and_reports_its_figures(int4, tiny_artifac
         21,
     )
     assert manifest.producer["quantization"] == (
-        "MatMulNBits/GatherBlockQuantized 4-bit RTN, block 32, asymmetric, accuracy_level 4"
+        "MatMulNBits/GatherBlockQuantized 4-bit RTN, block 32, asymmetric, accuracy_level 4; "
+        "unembedding row-wise int8 (7-bit weights)"
     )
     verification = manifest.verification
     assert verification["status"] == "passed" and verification["tolerance"]["min_top1"] == 0.6
@@ -175,9 +187,10 @@ def test_greedy_verify_equals_greedy_ar_on_int4(int4):
         (dict(dtype="int4", int4=Int4Config(block_size=48)), r"--int4-block-size 48 is not one of \[16, 32, 64, 128, 256\]"),
         (dict(dtype="int4", int4=Int4Config(accuracy_level=7)), r"accuracy_level 7 is not one of ONNX Runtime's 0..4"),
         (dict(dtype="int4", int4={"block_size": 32}), "int4 must be an Int4Config"),
+        (dict(dtype="int4", int4=Int4Config(unembedding="int2")), r"--int4-unembedding 'int2' is not one of \['int8', 'int4'\]"),
         (dict(eval_windows=4), "--eval-windows needs --eval-tokens"),
     ],
-    ids=["int4 options with int8", "block size", "accuracy level", "not a config", "windows without tokens"],
+    ids=["int4 options with int8", "block size", "accuracy level", "not a config", "unembedding", "windows without tokens"],
 )  # fmt: skip
 def test_int4_and_eval_options_are_validated(tiny_dynamo_dir, tmp_path, options, message):
     with pytest.raises(ExportError, match=message):
@@ -210,6 +223,8 @@ def test_the_cli_names_the_fix(tiny_dynamo_dir, tmp_path, capsys):
         main(["--model", str(tiny_dynamo_dir), "--out", out, "--no-int4-symmetric", "--dtype", "int8"]) == 2
     )
     assert "pass --dtype int4" in capsys.readouterr().err
+    assert main(["--model", str(tiny_dynamo_dir), "--out", out, "--int4-unembedding", "int4"]) == 2
+    assert "--int4-unembedding apply to --dtype int4 only" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", str(tiny_dynamo_dir), "--out", out, "--dtype", "int4", "--int4-block-size", "48"])
     assert exit_info.value.code == 2 and "invalid choice: 48" in capsys.readouterr().err

@@ -39,6 +39,7 @@ from tokenizers.pre_tokenizers import Whitespace
 import runtime.session
 from converters import artifact
 from converters.artifact import export_artifact
+from converters.optimize import Int4Config
 from runtime import DynaMoRuntime, SamplingConfig
 from runtime.bounds import call_memory
 from runtime.cooccurrence import CooccurrenceMask
@@ -420,7 +421,8 @@ def test_the_fused_graph_domain_is_accepted(copy):
 
 @pytest.fixture(scope="module")
 def int4_art(art, tiny_dynamo_dir, tmp_path_factory) -> Path:
-    """The tiny DynaMo-T3 graph exported --dtype int4 (weights inline; no verification: test_int4.py's job)."""
+    """The tiny DynaMo-T3 graph exported --dtype int4 --int4-unembedding int4 (weights inline; no
+    verification: test_int4.py's job): the tamperings below edit the unembedding's MatMulNBits."""
 
     def export_onnx(model, path, spec, opset):
         path.parent.mkdir(parents=True)
@@ -431,7 +433,14 @@ def int4_art(art, tiny_dynamo_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("int4") / "art"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(artifact, "export_onnx", export_onnx)
-        export_artifact(tiny_dynamo_dir, out=out, dtype="int4", verify=False, progress=False)
+        export_artifact(
+            tiny_dynamo_dir,
+            out=out,
+            dtype="int4",
+            int4=Int4Config(unembedding="int4"),
+            verify=False,
+            progress=False,
+        )
     return out
 
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from dynamo_export import DynaMoForCausalLM
+from dynamo_export.checkpoint import save_gpt_neox
 from dynamo_export.cli.train import main as train_main
 from dynamo_export.distill import source_gradients
 from dynamo_export.errors import CheckpointError, TokenFileError, TrainingError
@@ -23,7 +24,7 @@ from dynamo_export.losses import head_log_likelihoods, joint_log_likelihood, mul
 from dynamo_export.three_rates import ThreeRateAdamW, lr_multiplier
 from dynamo_export.tokens import open_tokens, write_token_file
 from dynamo_export.train_state import STATE_JSON
-from dynamo_export.training import TrainConfig, save_gpt_neox, train
+from dynamo_export.training import TrainConfig, train
 from tests.conftest import noisy_cycle_token_files
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

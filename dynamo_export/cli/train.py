@@ -5,8 +5,9 @@ Examples:
   dynamo-train --train data/train.bin --val data/val.bin --out out/base --layers 6 --hidden 256 --heads 8 \\
       --lr-b 1e-3 --steps 5000
   torchrun --nproc_per_node=4 -m dynamo_export.cli.train ... --batch-size 32   # 4 processes, global batch 32
+  torchrun --nproc_per_node=8 -m dynamo_export.cli.train ... --fsdp   # weights + optimizer sharded over 8
 Rerun the same command with --resume to continue from the latest OUT/checkpoints/step-N (under any
-number of processes).
+number of processes, with or without --fsdp).
 """
 
 from __future__ import annotations
@@ -132,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--stop-at", type=int, help="stop after this step with a checkpoint (resume later)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the weights, gradients and both AdamW states over the processes (FSDP2) instead of "
+        "holding them whole on each: for models that do not fit one device. Same results; checkpoints stay "
+        "full, so --resume works with or without it",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -191,7 +199,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         result = train(
-            cfg, resume=args.resume, stop_at=args.stop_at, device=args.device, progress=not args.no_progress
+            cfg,
+            resume=args.resume,
+            stop_at=args.stop_at,
+            device=args.device,
+            progress=not args.no_progress,
+            fsdp=args.fsdp,
         )
     except (DynaMoError, DynaMoRuntimeError) as exc:  # a tokenizer mismatch is the runtime's error
         sys.exit(f"dynamo-train: error: {exc}")
