@@ -81,19 +81,31 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
 
 def time_steps(sessions: dict[str, ort.InferenceSession], specs: dict, vocab: int, new: int, repeats: int):
     """Interleaved step times in ms: {variant: array of repeats}."""
+    return time_passes(sessions, specs, vocab, (new,), repeats)[new]
+
+
+def time_passes(
+    sessions: dict[str, ort.InferenceSession], specs: dict, vocab: int, news: tuple[int, ...], repeats: int
+) -> dict[int, dict[str, np.ndarray]]:
+    """Step times in ms, {new tokens: {variant: array of repeats}}, every variant and every pass size
+    interleaved within each repeat, so load from other processes hits all of them alike (a ratio of
+    a 3-token to a 1-token pass is only fair measured side by side)."""
     rng = np.random.default_rng(0)
-    sizes = {BATCH: 1, SEQ: new, PAST: PAST_TOKENS}
-    feeds = {name: dummy_inputs(specs[name], sizes, vocab, rng) for name in sessions}
-    for name, s in sessions.items():  # warm-up: allocations, pre-packed weights
+    feeds = {
+        (name, new): dummy_inputs(specs[name], {BATCH: 1, SEQ: new, PAST: PAST_TOKENS}, vocab, rng)
+        for new in news
+        for name in sessions
+    }
+    for (name, _), feed in feeds.items():  # warm-up: allocations, pre-packed weights
         for _ in range(3):
-            s.run(None, feeds[name])
-    times = {name: [] for name in sessions}
+            sessions[name].run(None, feed)
+    times = {key: [] for key in feeds}
     for _ in range(repeats):
-        for name, s in sessions.items():
+        for (name, new), feed in feeds.items():
             start = time.perf_counter()
-            s.run(None, feeds[name])
-            times[name].append(1e3 * (time.perf_counter() - start))
-    return {name: np.array(t) for name, t in times.items()}
+            sessions[name].run(None, feed)
+            times[name, new].append(1e3 * (time.perf_counter() - start))
+    return {new: {name: np.array(times[name, new]) for name in sessions} for new in news}
 
 
 def bench_arch(arch: str, repeats: int, threads: int, workdir: Path) -> None:

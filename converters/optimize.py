@@ -47,11 +47,11 @@ decides how the final artifact is laid out.
     17% smaller, for +0.2 points of PPL.
   * The unembedding is int8 with one activation scale per row by default
     (converters/row_int8.py, `--int4-unembedding int8`). In 4-bit blocks a
-    3-token pass cost 1.77x a 1-token pass (fp32 and int8: 1.22x): the 4-bit
+    3-token pass cost 1.71x a 1-token pass (fp32 and int8: 1.20-1.22x): the 4-bit
     int8-compute kernel pays per row of its input, and the 50k unembedding
     takes 1.9 ms for the 3 rows of a 1-token pass (3 heads) and 4.4 ms for the
     9 of a 3-token pass. Row-wise int8 takes 1.9 and 2.7 ms: the 3-token pass
-    falls to 1.38x (6.67 vs 4.82 ms; with 4-bit: 8.11 vs 4.58 ms), for 9 MiB
+    falls to 1.35x (6.62 vs 4.89 ms; with 4-bit: 8.34 vs 4.87 ms), for 9 MiB
     more (0.19x fp32's size instead of 0.16x) and a more accurate unembedding.
     `--int4-unembedding int4` keeps the smallest artifact and the fastest
     1-token pass. A per-tensor activation scale (onnxruntime's

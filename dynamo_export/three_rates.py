@@ -9,7 +9,6 @@ docstring says why). The schedule multiplies all three rates.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -17,9 +16,7 @@ from torch.distributed.tensor import DTensor
 from dynamo_export.distill import GradientSources, StepGrads, gradient_sources
 from dynamo_export.distributed import ProcessGroup
 from dynamo_export.fsdp import full_tensor, shard_like
-
-if TYPE_CHECKING:
-    from dynamo_export.training import TrainConfig
+from dynamo_export.train_config import TrainConfig
 
 ADAM_BETAS = (0.9, 0.95)
 ADAM_EPS = 1e-8
