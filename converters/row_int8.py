@@ -90,7 +90,6 @@ def rewrite_row_int8(model: onnx.ModelProto, node: onnx.NodeProto) -> None:
         "tiny": np.array(np.finfo(np.float32).tiny, dtype=np.float32),
         "levels": np.array(ACTIVATION_LEVELS, dtype=np.float32),
         "low": np.array(-ACTIVATION_LEVELS, dtype=np.float32),
-        "high": np.array(ACTIVATION_LEVELS, dtype=np.float32),
         "shift": np.array(ACTIVATION_ZERO_POINT, dtype=np.float32),
         "zero_point": np.array(ACTIVATION_ZERO_POINT, dtype=np.uint8),
     }
@@ -102,7 +101,7 @@ def rewrite_row_int8(model: onnx.ModelProto, node: onnx.NodeProto) -> None:
         ("Div", [name("nonzero_peak"), name("levels")], "row_scale", {}),
         ("Div", [activations, name("row_scale")], "scaled", {}),
         ("Round", [name("scaled")], "rounded", {}),
-        ("Clip", [name("rounded"), name("low"), name("high")], "clipped", {}),
+        ("Clip", [name("rounded"), name("low"), name("levels")], "clipped", {}),
         ("Add", [name("clipped"), name("shift")], "shifted", {}),
         ("Cast", [name("shifted")], "codes", {"to": TensorProto.UINT8}),
         ("MatMulInteger", [name("codes"), name("weight"), name("zero_point")], "products", {}),
